@@ -1,0 +1,137 @@
+"""blip: BLIP (Bootstrapping Language-Image Pre-training) — models, training and evaluation.
+
+Public API:
+    load_model(task, checkpoint=None, **overrides)   task in pretrain, retrieval, itm, caption, vqa, nlvr
+    from_transformers(hf_model) / to_transformers(model)
+    image_transform(image_size, train=False), load_images(paths_or_pil, image_size)
+    save_weights(model, path)
+"""
+from __future__ import annotations
+
+from .checkpoint import CheckpointMismatchError, load_into, read_state_dict, save_weights
+from .models import TASKS, ModelConfig
+
+__all__ = ["load_model", "from_transformers", "to_transformers", "image_transform", "load_images",
+           "save_weights", "ModelConfig", "TASKS", "CheckpointMismatchError"]
+
+
+def load_model(task: str, checkpoint=None, strict: bool | None = None, **overrides):
+    """Build a task model (sizes from `overrides`, see ModelConfig) and load `checkpoint` into it.
+
+    checkpoint: None (random init), a path (original .pth, our .safetensors, a transformers directory or
+    file) or a state dict; the layout is detected. Our safetensors carry their model config, which
+    `overrides` may still change. The model is returned in eval mode.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+    if checkpoint is not None and not isinstance(checkpoint, dict):
+        _, meta = read_state_dict(checkpoint) if _is_ours(checkpoint) else (None, {})
+        if "model_config" in meta:
+            overrides = {**meta["model_config"], **overrides}
+        elif "transformers_config" in meta:
+            overrides = {**config_from_transformers(meta["transformers_config"]), **overrides}
+    model = TASKS[task](ModelConfig.from_overrides(**overrides))
+    if checkpoint is not None:
+        load_into(model, checkpoint, strict=strict)
+    elif hasattr(model, "copy_params"):
+        model.copy_params()
+    return model.eval()
+
+
+def _is_ours(path) -> bool:
+    return str(path).endswith(".safetensors")
+
+
+def config_from_transformers(cfg) -> dict:
+    """ModelConfig overrides from a transformers BlipConfig (object or dict)."""
+    if not isinstance(cfg, dict):
+        cfg = cfg.to_dict()
+    v, t = cfg["vision_config"], cfg["text_config"]
+    med = dict(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], num_hidden_layers=t["num_hidden_layers"],
+               num_attention_heads=t["num_attention_heads"], intermediate_size=t["intermediate_size"],
+               max_position_embeddings=t["max_position_embeddings"], layer_norm_eps=t["layer_norm_eps"],
+               hidden_dropout_prob=t.get("hidden_dropout_prob", 0.0),
+               attention_probs_dropout_prob=t.get("attention_probs_dropout_prob", 0.0),
+               pad_token_id=t.get("pad_token_id", 0))
+    return dict(image_size=v["image_size"], patch_size=v["patch_size"], vision_width=v["hidden_size"],
+                vision_depth=v["num_hidden_layers"], vision_heads=v["num_attention_heads"],
+                vision_layer_norm_eps=v["layer_norm_eps"], med_config=med,
+                embed_dim=cfg.get("image_text_hidden_size", 256), drop_path_rate=0.0)
+
+
+_HF_TASKS = {"BlipForConditionalGeneration": "caption", "BlipForImageTextRetrieval": "itm",
+             "BlipForQuestionAnswering": "vqa"}
+
+
+def from_transformers(hf_model, task: str | None = None):
+    """Our model with the weights of a transformers BLIP model (caption, itm/retrieval or vqa)."""
+    name = type(hf_model).__name__
+    task = task or _HF_TASKS.get(name)
+    if task is None:
+        raise ValueError(f"no blip task for {name}; expected one of {sorted(_HF_TASKS)}")
+    model = TASKS[task](ModelConfig.from_overrides(**config_from_transformers(hf_model.config)))
+    load_into(model, hf_model.state_dict(), strict=None)
+    return model.eval()
+
+
+def to_transformers(model, out_dir=None):
+    """Our weights in transformers' BLIP layout: a state dict, or (out_dir given) a directory with config.json +
+    model.safetensors that transformers' `from_pretrained` reads."""
+    from .checkpoint import to_transformers_keys
+    sd = to_transformers_keys({k: v for k, v in model.state_dict().items() if "_m." not in k})
+    if out_dir is None:
+        return sd
+    import json
+    from pathlib import Path
+    from safetensors.torch import save_file
+    from .checkpoint import dedup_state_dict
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = set(to_transformers_keys(dedup_state_dict(model)))
+    save_file({k: v.contiguous() for k, v in sd.items() if k in keep}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(transformers_config(model), indent=2))
+    return sd
+
+
+def transformers_config(model) -> dict:
+    v, t = model.vision_cfg, model.text_cfg()
+    arch = {"caption": "BlipForConditionalGeneration", "itm": "BlipForImageTextRetrieval",
+            "retrieval": "BlipForImageTextRetrieval", "vqa": "BlipForQuestionAnswering"}.get(model.task)
+    if arch is None:
+        raise ValueError(f"transformers has no BLIP class for task {model.task!r}")
+    return {"architectures": [arch], "model_type": "blip", "image_text_hidden_size": model.cfg.embed_dim,
+            "projection_dim": model.cfg.embed_dim,
+            "vision_config": {"hidden_size": v.width, "num_hidden_layers": v.depth, "num_attention_heads": v.heads,
+                              "intermediate_size": 4 * v.width, "image_size": v.image_size,
+                              "patch_size": v.patch_size, "layer_norm_eps": v.layer_norm_eps,
+                              "hidden_act": "gelu", "initializer_range": 0.02},
+            "text_config": {"vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                            "encoder_hidden_size": v.width, "num_hidden_layers": t.num_hidden_layers,
+                            "num_attention_heads": t.num_attention_heads, "intermediate_size": t.intermediate_size,
+                            "max_position_embeddings": t.max_position_embeddings, "layer_norm_eps": t.layer_norm_eps,
+                            "hidden_act": "gelu", "pad_token_id": 0, "bos_token_id": 30522, "eos_token_id": 2,
+                            "sep_token_id": 102}}
+
+
+def image_transform(image_size: int, train: bool = False):
+    """The original preprocessing: test = bicubic resize + CLIP normalisation; train adds the augmentations."""
+    from data.transforms import test_transform, train_transform
+    return train_transform(image_size) if train else test_transform(image_size)
+
+
+def load_images(images, image_size: int, device=None):
+    """File paths and/or PIL images -> normalised pixel_values [n, 3, S, S]. Errors name the unreadable file."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    tf = image_transform(image_size)
+    out = []
+    for im in images:
+        if not isinstance(im, Image.Image):
+            try:
+                with Image.open(im) as f:
+                    im = f.convert("RGB")
+            except (OSError, UnidentifiedImageError) as e:
+                raise ValueError(f"cannot read image {im}: {e}") from e
+        out.append(tf(im.convert("RGB")))
+    x = torch.stack(out)
+    return x if device is None else x.to(device)

@@ -1,0 +1,230 @@
+"""Checkpoints: the original BLIP `.pth`, transformers' BLIP layout, and our safetensors.
+
+Loading maps a foreign layout onto our names (which are the original's), resizes the ViT position
+embeddings to the model's grid, twins NLVR2's cross-attention from a single-image checkpoint, then loads
+and reports what is missing or unexpected. Missing weights are an error unless they are the task's fresh
+heads (`model.fresh_keys`); unexpected ones (a pretrained checkpoint carries heads this task lacks) are
+reported. Pickles are read with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .vit import resize_pos_embed
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(RuntimeError):
+    pass
+
+
+# transformers' BLIP vision names -> ours (timm's = the original's)
+_HF_VISION = [
+    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+    (r"^vision_model\.embeddings\.position_embedding(\.weight)?$", "visual_encoder.pos_embed"),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+    (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
+]
+
+
+def is_transformers_layout(sd: dict) -> bool:
+    return any(k.startswith("vision_model.") for k in sd)
+
+
+def from_transformers_keys(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in _HF_VISION:
+            if re.search(pat, k):
+                k = re.sub(pat, rep, k)
+                break
+        out[k] = v
+    return out
+
+
+def to_transformers_keys(sd: dict) -> dict:
+    """Our (original) names -> transformers' BLIP names."""
+    inverse = [
+        (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+        (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+        (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+        (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
+        (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+        (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
+        (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
+        (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+        (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
+    ]
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in inverse:
+            if re.search(pat, k):
+                k = re.sub(pat, rep, k)
+                break
+        out[k] = v
+    return out
+
+
+def read_state_dict(src) -> tuple[dict, dict]:
+    """A checkpoint (path, directory or dict) -> (state dict in our names, metadata)."""
+    meta = {}
+    if isinstance(src, dict):
+        sd = src
+    else:
+        path = Path(src)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if path.is_dir():  # transformers' save_pretrained directory
+            files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+            if not files:
+                raise CheckpointMismatchError(f"{path}: no *.safetensors or pytorch_model*.bin inside")
+            sd = {}
+            for f in files:
+                sd.update(_read_file(f)[0])
+            cfg_file = path / "config.json"
+            if cfg_file.exists():
+                meta["transformers_config"] = json.loads(cfg_file.read_text())
+        else:
+            sd, meta = _read_file(path)
+    if "model" in sd and isinstance(sd["model"], dict):  # the original {'model': state_dict, ...}
+        sd = sd["model"]
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if is_transformers_layout(sd):
+        sd = from_transformers_keys(sd)
+    return sd, meta
+
+
+def _read_file(path: Path):
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        if "blip" in meta:
+            meta = json.loads(meta["blip"])
+        return sd, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointMismatchError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointMismatchError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return obj, {}
+
+
+def adapt_state_dict(model, sd: dict) -> dict:
+    """Fit a state dict (our names) to `model`: drop position_ids buffers, resize pos_embed, twin NLVR2
+    cross-attention, tie shared keys, drop keys whose shapes still differ (logged)."""
+    own = model.state_dict()
+    sd = {k: v for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
+    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
+        if key in sd and key in own and sd[key].shape != own[key].shape:
+            sd[key] = resize_pos_embed(sd[key], own[key].shape[1] - 1)
+            log.info("resized %s to %s", key, tuple(sd[key].shape))
+    if any(".crossattention.self0." in k for k in own) and not any(".crossattention.self0." in k for k in sd):
+        for k in list(sd):  # a single-image checkpoint into NLVR2: both branches start from it
+            if ".crossattention.self." in k:
+                for i in "01":
+                    sd.setdefault(k.replace(".crossattention.self.", f".crossattention.self{i}."), sd[k])
+            if ".crossattention.output.dense." in k:
+                for i in "01":
+                    sd.setdefault(k.replace(".crossattention.output.dense.", f".crossattention.output.dense{i}."),
+                                  sd[k])
+    # tied weights (LM head = word embeddings; pretraining's decoder = encoder) may be stored once
+    for group in _alias_groups(own):
+        present = [k for k in group if k in sd]
+        for k in group:
+            if present and k not in sd:
+                sd[k] = sd[present[0]]
+    for k in list(sd):
+        if k in own and sd[k].shape != own[k].shape:
+            log.warning("dropping %s: checkpoint shape %s, model shape %s", k, tuple(sd[k].shape),
+                        tuple(own[k].shape))
+            del sd[k]
+    return sd
+
+
+def load_into(model, src, strict: bool | None = None) -> dict:
+    """Load a checkpoint into `model`. strict=True: nothing missing or unexpected; None (default): missing
+    keys allowed only among the task's fresh heads, unexpected keys reported; False: report only.
+    Returns {'missing': [...], 'unexpected': [...], 'meta': {...}}."""
+    sd, meta = read_state_dict(src)
+    sd = adapt_state_dict(model, sd)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    name = src if isinstance(src, (str, Path)) else "state dict"
+    if strict is not False:
+        bad_missing = missing if strict else [k for k in missing if not any(f in k for f in model.fresh_keys)]
+        bad_unexpected = unexpected if strict else []
+        if bad_missing or bad_unexpected or not (set(sd) & set(own)):
+            raise CheckpointMismatchError(
+                f"{name} does not fit the {model.task!r} model: {len(bad_missing)} missing key(s) "
+                f"{_head(bad_missing)}, {len(unexpected)} unexpected key(s) {_head(unexpected)}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if missing:
+        log.info("%s: %d weights not in the checkpoint (fresh): %s", name, len(missing), _head(missing))
+        if hasattr(model, "copy_params") and any("_m." in k for k in missing):
+            model.copy_params()  # momentum encoders start as copies of the loaded online ones
+    if unexpected:
+        log.info("%s: %d checkpoint weights unused by %r: %s", name, len(unexpected), model.task, _head(unexpected))
+    return {"missing": missing, "unexpected": unexpected, "meta": meta}
+
+
+def _head(keys, n=8):
+    return keys[:n] + (["..."] if len(keys) > n else [])
+
+
+def _alias_groups(sd: dict) -> list[list[str]]:
+    groups = {}
+    for k, v in sd.items():
+        groups.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def dedup_state_dict(model) -> dict:
+    """State dict with each shared tensor once (safetensors refuses aliases; loading re-ties them)."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.detach().contiguous()
+    return out
+
+
+def atomic_write(path, write_fn):
+    """Write through a temp file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_weights(model, path):
+    """Our format: safetensors with the task and model config in its metadata."""
+    from safetensors.torch import save_file
+    meta = {"blip": json.dumps({"task": model.task, "model_config": model.cfg.to_dict()})}
+    sd = {k: v.cpu() for k, v in dedup_state_dict(model).items()}
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))

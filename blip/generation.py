@@ -1,0 +1,176 @@
+"""Decoding for the MED decoder: greedy, beam search and nucleus sampling over a KV cache.
+
+Semantics follow what the original BLIP ran (transformers 4.15's `generate`): log-softmax then the logits
+processors (repetition penalty, min length) for beam search, length penalty 1.0, no early stopping, the
+same finished-hypothesis bookkeeping; top-k 50 then top-p for sampling. The image's cross-attention K/V
+are projected once per image and read by all its beams (see `MultiHeadAttention`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .med import TextDecoder
+
+
+def _repetition_penalty(scores, ids, penalty):
+    if penalty == 1.0:
+        return scores
+    s = torch.gather(scores, 1, ids)
+    s = torch.where(s < 0, s * penalty, s / penalty)
+    return scores.scatter(1, ids, s)
+
+
+def _process(scores, ids, *, min_length, eos_id, repetition_penalty):
+    scores = _repetition_penalty(scores, ids, repetition_penalty)
+    if ids.shape[1] < min_length:
+        scores = scores.clone()
+        scores[:, eos_id] = -float("inf")
+    return scores
+
+
+def _top_k_top_p(logits, top_k, top_p):
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        remove = sorted_logits.softmax(-1).cumsum(-1) > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses top_p
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
+    return logits
+
+
+class _Hypotheses:
+    """Finished beams of one input (transformers 4.15 BeamHypotheses, length_penalty 1, no early stop)."""
+
+    def __init__(self, num_beams, length_penalty=1.0):
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.beams, self.worst = [], 1e9
+
+    def add(self, ids, sum_logprobs):
+        score = sum_logprobs / (len(ids) ** self.length_penalty)
+        if len(self.beams) < self.num_beams or score > self.worst:
+            self.beams.append((score, ids))
+            if len(self.beams) > self.num_beams:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(self.beams))
+                del self.beams[ranked[0][1]]
+                self.worst = ranked[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def is_done(self, best_sum_logprobs, cur_len):
+        if len(self.beams) < self.num_beams:
+            return False
+        return self.worst >= best_sum_logprobs / cur_len ** self.length_penalty
+
+    def best(self):
+        return sorted(self.beams, key=lambda b: b[0])[-1][1]  # ties: the later one, as transformers
+
+
+@torch.no_grad()
+def generate_ids(decoder: TextDecoder, encoder_states, prompt_ids, *, encoder_mask=None, num_beams=3,
+                 max_length=30, min_length=10, repetition_penalty=1.0, sample=False, top_p=0.9, top_k=50,
+                 eos_id=102, pad_id=0, generator=None) -> list[list[int]]:
+    """Token ids (prompt included) of one output per input.
+
+    encoder_states [B, N, w]: what the decoder cross-attends to, ONE row per input (not per beam).
+    prompt_ids [B, L0]: the first tokens ([DEC] + prompt). max_length counts the prompt.
+    """
+    cross_kv = decoder.bert.cross_kv(encoder_states)
+    if sample:
+        return _sample(decoder, cross_kv, encoder_mask, prompt_ids, max_length, min_length, repetition_penalty,
+                       top_p, top_k, eos_id, pad_id, generator)
+    if num_beams == 1:
+        return _greedy(decoder, cross_kv, encoder_mask, prompt_ids, max_length, min_length, repetition_penalty,
+                       eos_id, pad_id)
+    return _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, num_beams, max_length, min_length,
+                        repetition_penalty, eos_id)
+
+
+def _step(decoder, new_ids, cross_kv, encoder_mask, past):
+    logits, past = decoder(new_ids, None, None, encoder_mask, cross_kv=cross_kv, past=past, use_cache=True)
+    return logits[:, -1].float(), past
+
+
+def _greedy(decoder, cross_kv, encoder_mask, ids, max_length, min_length, rep, eos_id, pad_id):
+    past, new, unfinished = None, ids, torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    while ids.shape[1] < max_length:
+        logits, past = _step(decoder, new, cross_kv, encoder_mask, past)
+        scores = _process(logits, ids, min_length=min_length, eos_id=eos_id, repetition_penalty=rep)
+        nxt = torch.where(unfinished, scores.argmax(-1), torch.full_like(unfinished, pad_id, dtype=torch.long))
+        ids, new = torch.cat([ids, nxt[:, None]], 1), nxt[:, None]
+        unfinished &= nxt != eos_id
+        if not unfinished.any():
+            break
+    return ids.tolist()
+
+
+def _sample(decoder, cross_kv, encoder_mask, ids, max_length, min_length, rep, top_p, top_k, eos_id, pad_id, gen):
+    past, new, unfinished = None, ids, torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    while ids.shape[1] < max_length:
+        logits, past = _step(decoder, new, cross_kv, encoder_mask, past)
+        scores = _process(logits, ids, min_length=min_length, eos_id=eos_id, repetition_penalty=rep)
+        probs = _top_k_top_p(scores, top_k, top_p).softmax(-1)
+        nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_id))
+        ids, new = torch.cat([ids, nxt[:, None]], 1), nxt[:, None]
+        unfinished &= nxt != eos_id
+        if not unfinished.any():
+            break
+    return ids.tolist()
+
+
+def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, nb, max_length, min_length, rep, eos_id):
+    b = prompt_ids.shape[0]
+    ids = prompt_ids.repeat_interleave(nb, dim=0)
+    beam_scores = torch.zeros(b, nb, device=ids.device)
+    beam_scores[:, 1:] = -1e9  # all beams start identical: only the first one may expand at step one
+    beam_scores = beam_scores.view(-1)
+    hyps = [_Hypotheses(nb) for _ in range(b)]
+    done = [False] * b
+    past, new = None, ids
+    while True:
+        logits, past = _step(decoder, new, cross_kv, encoder_mask, past)
+        scores = _process(F.log_softmax(logits, -1), ids, min_length=min_length, eos_id=eos_id,
+                          repetition_penalty=rep)
+        vocab = scores.shape[-1]
+        scores = (scores + beam_scores[:, None]).view(b, nb * vocab)
+        top_scores, top_tokens = torch.topk(scores, 2 * nb, dim=1)
+        top_beams, top_tokens = top_tokens // vocab, top_tokens % vocab
+        cur_len = ids.shape[1]
+        next_scores = torch.zeros(b, nb, device=ids.device)
+        next_tokens = torch.zeros(b, nb, dtype=torch.long, device=ids.device)
+        next_src = torch.zeros(b, nb, dtype=torch.long, device=ids.device)
+        ts, tt, tb = top_scores.tolist(), top_tokens.tolist(), top_beams.tolist()
+        for i in range(b):
+            if done[i]:
+                next_src[i] = i * nb  # finished inputs keep running on padding; their beams are ignored
+                continue
+            k = 0
+            for rank, (score, tok, beam) in enumerate(zip(ts[i], tt[i], tb[i])):
+                src = i * nb + beam
+                if tok == eos_id:
+                    if rank < nb:
+                        hyps[i].add(ids[src].tolist(), score)
+                else:
+                    next_scores[i, k], next_tokens[i, k], next_src[i, k] = score, tok, src
+                    k += 1
+                if k == nb:
+                    break
+            done[i] = done[i] or hyps[i].is_done(max(ts[i]), cur_len)
+        src = next_src.view(-1)
+        beam_scores = next_scores.view(-1)
+        ids = torch.cat([ids[src], next_tokens.view(-1, 1)], 1)
+        new = next_tokens.view(-1, 1)
+        past = [(k.index_select(0, src), v.index_select(0, src)) for k, v in past]
+        if all(done) or ids.shape[1] >= max_length:
+            break
+    out = []
+    for i in range(b):
+        if not done[i]:
+            for j in range(nb):
+                hyps[i].add(ids[i * nb + j].tolist(), beam_scores[i * nb + j].item())
+        out.append(hyps[i].best())
+    return out

@@ -1,0 +1,350 @@
+"""MED: BLIP's BERT-style text stack, written once for its three roles.
+
+- text encoder: bidirectional self-attention only (ITC features);
+- multimodal encoder: + cross-attention to image tokens in every layer (ITM, VQA question, NLVR2);
+- decoder: causal self-attention + cross-attention + LM head (captioning, VQA answers, pretraining LM).
+
+The role is chosen by arguments (`encoder_hidden_states`, `causal`), never by mode strings. Module and
+parameter names are BERT's, i.e. the original checkpoint's (`embeddings.word_embeddings`,
+`encoder.layer.N.attention.self.query`, `...crossattention.output.LayerNorm`, `cls.predictions.*`), so both
+the original `.pth` files and transformers' BLIP load without renaming. Every attention is one call to
+`F.scaled_dot_product_attention`. NLVR2's two-image layers are an option of the same stack.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MASK_VALUE = -10000.0  # the original's additive mask value: (1 - mask) * -10000
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 30524
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    encoder_width: int = 768  # width of what cross-attention reads
+    add_cross_attention: bool = True
+    twin_cross_attention: bool = False  # NLVR2: one cross-attention per image
+    merge_from_layer: int = 6  # NLVR2: layers from here on concatenate the two branches
+
+    # BERT config keys that carry no information for this stack (accepted so original JSON files load).
+    _IGNORED = {"architectures", "model_type", "type_vocab_size", "initializer_range", "hidden_act",
+                "position_embedding_type", "use_cache", "transformers_version", "torch_dtype",
+                "classifier_dropout", "gradient_checkpointing"}
+
+    @classmethod
+    def from_any(cls, src: "TextConfig | dict | str | Path | None", **overrides) -> "TextConfig":
+        """From a BERT-style dict or JSON file (as the original med_config.json); unknown keys refused."""
+        if isinstance(src, TextConfig):
+            d = {f.name: getattr(src, f.name) for f in fields(cls)}
+        elif src is None:
+            d = {}
+        elif isinstance(src, (str, Path)):
+            d = json.loads(Path(src).read_text())
+        else:
+            d = dict(src)
+        d.update(overrides)
+        if d.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"med_config: hidden_act {d['hidden_act']!r} is not supported (BLIP uses 'gelu')")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if k not in known and k not in cls._IGNORED)
+        if unknown:
+            raise ValueError(f"med_config: unknown key(s) {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def additive_mask(mask: torch.Tensor | None, q_len: int, causal: bool = False, past_len: int = 0):
+    """[B, Lk] 0/1 mask → additive [B, 1, Lq|1, Lk] (None when nothing is masked)."""
+    if mask is None and (not causal or q_len == 1):  # one new token may see every cached one
+        return None
+    if causal:
+        k_len = past_len + q_len if mask is None else mask.shape[1]
+        ones = torch.ones(q_len, k_len, dtype=torch.bool, device=None if mask is None else mask.device)
+        allowed = torch.tril(ones, diagonal=k_len - q_len)[None, None]
+        if mask is not None:
+            allowed = allowed & mask[:, None, None, :].bool()
+        m = allowed.float()
+    else:
+        m = mask[:, None, None, :].float()
+    return (1.0 - m) * MASK_VALUE
+
+
+class MultiHeadAttention(nn.Module):
+    """BERT's `attention.self`: q/k/v projections + one SDPA call. Self, causal or cross by arguments."""
+
+    def __init__(self, cfg: TextConfig, kv_width: int):
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.query = nn.Linear(h, h)
+        self.key = nn.Linear(kv_width, h)
+        self.value = nn.Linear(kv_width, h)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+
+    def _heads(self, x):  # [B, L, H*d] -> [B, H, L, d]
+        return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
+
+    def project_kv(self, context: torch.Tensor):
+        return self._heads(self.key(context)), self._heads(self.value(context))
+
+    def forward(self, x, mask=None, context=None, kv=None, past=None):
+        """x [B, L, h]; `context` (cross) or precomputed `kv`; `past` = cached self-attention (k, v).
+
+        Cross-attention K/V may be per image while queries are per beam (B = n_images * group): the
+        beams' queries are stacked along the sequence axis so K/V are read once, never copied per beam.
+        Returns (output [B, L, h], (k, v) to cache).
+        """
+        q = self._heads(self.query(x))
+        if kv is None:
+            kv = self.project_kv(x if context is None else context)
+            if past is not None:
+                kv = (torch.cat([past[0], kv[0]], dim=2), torch.cat([past[1], kv[1]], dim=2))
+        k, v = kv
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        p = self.dropout_p if self.training else 0.0
+        b, group = k.shape[0], q.shape[0] // k.shape[0]
+        if group > 1:  # beams of one image share its K/V
+            nh, L, d = q.shape[1], q.shape[2], q.shape[3]
+            q = q.view(b, group, nh, L, d).transpose(1, 2).reshape(b, nh, group * L, d)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            out = out.view(b, nh, group, L, d).transpose(1, 2).reshape(b * group, nh, L, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return out, kv
+
+
+class AddNorm(nn.Module):
+    """BERT's `*.output`: dense → dropout → residual → LayerNorm."""
+
+    def __init__(self, in_width: int, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(in_width, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class Attention(nn.Module):
+    """`attention` / `crossattention`: MultiHeadAttention (`self`) + AddNorm (`output`)."""
+
+    def __init__(self, cfg: TextConfig, kv_width: int):
+        super().__init__()
+        self.self = MultiHeadAttention(cfg, kv_width)
+        self.output = AddNorm(cfg.hidden_size, cfg)
+
+    def forward(self, x, mask=None, context=None, kv=None, past=None):
+        h, kv = self.self(x, mask, context=context, kv=kv, past=past)
+        return self.output(h, x), kv
+
+
+class TwinOutput(nn.Module):
+    """NLVR2's cross-attention output: one dense per image, averaged or (late layers) merged."""
+
+    def __init__(self, cfg: TextConfig, merge: bool):
+        super().__init__()
+        h = cfg.hidden_size
+        self.dense0, self.dense1 = nn.Linear(h, h), nn.Linear(h, h)
+        self.merge_layer = nn.Linear(2 * h, h) if merge else None
+        self.LayerNorm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, h0, h1, residual):
+        h0, h1 = self.dense0(h0), self.dense1(h1)
+        h = self.merge_layer(torch.cat([h0, h1], dim=-1)) if self.merge_layer is not None else (h0 + h1) / 2
+        return self.LayerNorm(self.dropout(h) + residual)
+
+
+class TwinCrossAttention(nn.Module):
+    """NLVR2: the text attends to image 0 (`self0`) and image 1 (`self1`) separately."""
+
+    def __init__(self, cfg: TextConfig, merge: bool):
+        super().__init__()
+        self.self0 = MultiHeadAttention(cfg, cfg.encoder_width)
+        self.self1 = MultiHeadAttention(cfg, cfg.encoder_width)
+        self.output = TwinOutput(cfg, merge)
+
+    def forward(self, x, masks, contexts):
+        h0, _ = self.self0(x, masks[0], context=contexts[0])
+        h1, _ = self.self1(x, masks[1], context=contexts[1])
+        return self.output(h0, h1, x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.attention = Attention(cfg, cfg.hidden_size)
+        if cfg.twin_cross_attention:
+            self.crossattention = TwinCrossAttention(cfg, merge=index >= cfg.merge_from_layer)
+        elif cfg.add_cross_attention:
+            self.crossattention = Attention(cfg, cfg.encoder_width)
+        self.intermediate = Intermediate(cfg)
+        self.output = AddNorm(cfg.intermediate_size, cfg)
+
+    def forward(self, x, self_mask, context=None, context_mask=None, cross_kv=None, past=None):
+        x, kv = self.attention(x, self_mask, past=past)
+        if isinstance(context, (list, tuple)):  # NLVR2: two images
+            x = self.crossattention(x, context_mask, context)
+        elif context is not None or cross_kv is not None:
+            x, _ = self.crossattention(x, context_mask, context=context, kv=cross_kv)
+        return self.output(self.intermediate(x), x), kv
+
+
+class Embeddings(nn.Module):
+    """Word + absolute position embeddings (no token types), LayerNorm, dropout."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids, past_len: int = 0):
+        pos = torch.arange(past_len, past_len + input_ids.shape[1], device=input_ids.device)
+        return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+
+class TextModel(nn.Module):
+    """The BERT stack (`text_encoder`, or `text_decoder.bert`)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+
+    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                causal: bool = False, cross_kv=None, past=None, use_cache: bool = False):
+        """Returns the last hidden states [B, L, h] (and the self-attention cache when `use_cache`).
+
+        encoder_hidden_states: image tokens [B, N, w], or a pair of them for NLVR2; absent → text only.
+        cross_kv: per-layer precomputed cross-attention (k, v), from `cross_kv()`, in place of them.
+        """
+        past_len = 0 if past is None else past[0][0].shape[2]
+        x = self.embeddings(input_ids, past_len)
+        self_mask = additive_mask(attention_mask, input_ids.shape[1], causal=causal, past_len=past_len)
+        if isinstance(encoder_hidden_states, (list, tuple)):
+            ctx_mask = [additive_mask(m, 1) for m in encoder_attention_mask]
+        else:
+            ctx_mask = additive_mask(encoder_attention_mask, 1)
+        cache = []
+        ckpt = self.encoder.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.encoder.layer):
+            args = (x, self_mask, encoder_hidden_states, ctx_mask,
+                    None if cross_kv is None else cross_kv[i], None if past is None else past[i])
+            if ckpt:
+                x, kv = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x, kv = layer(*args)
+            cache.append(kv)
+        return (x, cache) if use_cache else x
+
+    def cross_kv(self, encoder_hidden_states):
+        """Each layer's cross-attention (k, v) of the image tokens, computed once for a whole decode."""
+        return [layer.crossattention.self.project_kv(encoder_hidden_states) for layer in self.encoder.layer]
+
+
+class PredictionHeadTransform(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class LMPrediction(nn.Module):
+    """`cls.predictions`: transform → decoder (weight tied to the word embeddings, bias = `bias`)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.transform = PredictionHeadTransform(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, x):
+        return self.decoder(self.transform(x))
+
+
+class LMHead(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.predictions = LMPrediction(cfg)
+
+
+class TextDecoder(nn.Module):
+    """`text_decoder`: causal TextModel (`bert`) + LM head (`cls`), tied to its word embeddings."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.bert = TextModel(cfg)
+        self.cls = LMHead(cfg)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                cross_kv=None, past=None, use_cache=False):
+        out = self.bert(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, causal=True,
+                        cross_kv=cross_kv, past=past, use_cache=use_cache)
+        if use_cache:
+            return self.cls.predictions(out[0]), out[1]
+        return self.cls.predictions(out)
+
+
+def lm_loss(logits, labels, reduction: str = "mean", label_smoothing: float = 0.1):
+    """Next-token cross-entropy (labels −100 ignored), label smoothing 0.1 as the original.
+
+    reduction 'none' gives one loss per sequence: the sum of its token losses.
+    """
+    shifted = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                           reduction=reduction, label_smoothing=label_smoothing)
+    if reduction == "none":
+        loss = loss.view(labels.shape[0], -1).sum(1)
+    return loss
+
+
+def tie_decoder_to_encoder(decoder: TextDecoder, encoder: TextModel):
+    """Pretraining shares every decoder weight with the encoder except the self-attention blocks."""
+    decoder.bert.embeddings = encoder.embeddings
+    for d, e in zip(decoder.bert.encoder.layer, encoder.encoder.layer):
+        d.crossattention, d.intermediate, d.output = e.crossattention, e.intermediate, e.output
+    decoder.cls.predictions.decoder.weight = encoder.embeddings.word_embeddings.weight

@@ -1,0 +1,9 @@
+"""One class per task model; `TASKS` maps the task name to it (a plain dict: no registry magic)."""
+from .base import BlipModel, ModelConfig
+from .caption import BlipCaption
+from .nlvr import BlipNLVR
+from .retrieval import BlipITM, BlipPretrain, BlipRetrieval
+from .vqa import BlipVQA
+
+TASKS = {"pretrain": BlipPretrain, "retrieval": BlipRetrieval, "itm": BlipITM, "caption": BlipCaption,
+         "vqa": BlipVQA, "nlvr": BlipNLVR}

@@ -1,0 +1,147 @@
+"""What every BLIP task model shares: sizes as data, the image encoder, momentum encoders and queues."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..med import TextConfig
+from ..tokenizer import VOCAB_SIZE, tokenize
+from ..vit import VIT_PRESETS, VisionConfig, build_vit
+
+
+@dataclass
+class ModelConfig:
+    """Model sizes and options. `vit` picks a preset; the vision_* fields override it (custom sizes)."""
+    vit: str = "base"
+    image_size: int = 384
+    patch_size: int = 16
+    vision_width: int | None = None
+    vision_depth: int | None = None
+    vision_heads: int | None = None
+    vision_layer_norm_eps: float = 1e-6
+    drop_path_rate: float | None = None  # None: the original's rule for the task (see `vision`)
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0
+    med_config: dict | str | None = None  # BERT-style dict or JSON path; None = BERT-base (MED)
+    text_grad_ckpt: bool = False
+    embed_dim: int = 256
+    queue_size: int = 57600
+    momentum: float = 0.995
+    negative_all_rank: bool = False
+    prompt: str = "a picture of "
+
+    @classmethod
+    def from_overrides(cls, **kw) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kw) - known)
+        if unknown:
+            raise TypeError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def vision(self, task: str) -> VisionConfig:
+        if self.vit not in VIT_PRESETS:
+            raise ValueError(f"vit must be one of {sorted(VIT_PRESETS)}, got {self.vit!r}")
+        width, depth, heads = VIT_PRESETS[self.vit]
+        dpr = self.drop_path_rate
+        if dpr is None:  # original: ViT-L always 0.1; base 0.1 only for VQA and NLVR2
+            dpr = 0.1 if (self.vit == "large" or task in ("vqa", "nlvr")) else 0.0
+        return VisionConfig(image_size=self.image_size, patch_size=self.patch_size,
+                            width=self.vision_width or width, depth=self.vision_depth or depth,
+                            heads=self.vision_heads or heads, drop_path_rate=dpr, grad_ckpt=self.vit_grad_ckpt,
+                            ckpt_layer=self.vit_ckpt_layer, layer_norm_eps=self.vision_layer_norm_eps)
+
+    def text(self, **overrides) -> TextConfig:
+        cfg = TextConfig.from_any(self.med_config, **overrides)
+        # bert_config.json says 30522; the original resizes the embeddings to the tokenizer's 30524 ([DEC], [ENC])
+        cfg.vocab_size = max(cfg.vocab_size, VOCAB_SIZE)
+        return cfg
+
+
+class BlipModel(nn.Module):
+    """Base: holds `visual_encoder` and the config; subclasses add their text stacks and heads."""
+    task: str = ""
+    # Checkpoint keys a model may start without (fresh heads when fine-tuning from another task).
+    fresh_keys: tuple[str, ...] = ()
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_cfg = cfg.vision(self.task)
+        self.visual_encoder = build_vit(self.vision_cfg)
+
+    @property
+    def device(self):
+        return self.visual_encoder.cls_token.device
+
+    def text_cfg(self, **overrides) -> TextConfig:
+        return self.cfg.text(encoder_width=self.vision_cfg.width, **overrides)
+
+    def tokenize(self, texts, **kw):
+        return tokenize(texts, device=self.device, **kw)
+
+    def set_text_grad_ckpt(self, on: bool = True):
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = on
+
+
+class MomentumMixin:
+    """Momentum (EMA) copies and feature queues for ITC (written once for retrieval and pretraining).
+
+    The training step calls `momentum_update()` before the loss (the original did it inside forward);
+    `losses()` enqueues the momentum features it computed.
+    """
+
+    def _init_momentum(self, pairs: list[tuple[str, nn.Module]], queue_size: int, embed_dim: int, ptr_name: str):
+        import copy
+        self._momentum_names = [name for name, _ in pairs]
+        for name, module in pairs:
+            m = copy.deepcopy(module)
+            for p in m.parameters():
+                p.requires_grad_(False)
+            setattr(self, name + "_m", m)
+        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer(ptr_name, torch.zeros(1, dtype=torch.long))
+        self._ptr_name = ptr_name
+
+    def _momentum_params(self):
+        online, momentum = [], []
+        for name in self._momentum_names:
+            online += list(getattr(self, name).parameters())
+            momentum += list(getattr(self, name + "_m").parameters())
+        return online, momentum
+
+    @torch.no_grad()
+    def copy_params(self):
+        for p, pm in zip(*self._momentum_params()):
+            pm.copy_(p.detach())
+
+    @torch.no_grad()
+    def momentum_update(self):
+        online, momentum = self._momentum_params()
+        m = self.cfg.momentum
+        torch._foreach_mul_(momentum, m)
+        torch._foreach_add_(momentum, [p.detach() for p in online], alpha=1.0 - m)
+
+    @torch.no_grad()
+    def enqueue(self, image_feat, text_feat, idx=None):
+        """Write the (all-rank) momentum features at the pointer; the queue length must divide evenly."""
+        from ..distributed import all_gather_no_grad
+        image_feat, text_feat = all_gather_no_grad(image_feat), all_gather_no_grad(text_feat)
+        n, size = image_feat.shape[0], self.image_queue.shape[1]
+        if size % n:
+            raise ValueError(f"queue_size {size} is not divisible by the global batch size {n}")
+        ptr_buf = getattr(self, self._ptr_name)
+        ptr = int(ptr_buf)
+        self.image_queue[:, ptr:ptr + n] = image_feat.T.to(self.image_queue.dtype)
+        self.text_queue[:, ptr:ptr + n] = text_feat.T.to(self.text_queue.dtype)
+        if idx is not None:
+            self.idx_queue[:, ptr:ptr + n] = all_gather_no_grad(idx).view(1, -1)
+        ptr_buf[0] = (ptr + n) % size

@@ -1,0 +1,50 @@
+"""Captioning (`caption`): ViT + image-grounded text decoder, the `a picture of ` prompt."""
+from __future__ import annotations
+
+import torch
+
+from ..generation import generate_ids
+from ..med import TextDecoder, lm_loss
+from ..tokenizer import DEC_ID, PAD_ID, SEP_ID, decode
+from .base import BlipModel
+
+
+class BlipCaption(BlipModel):
+    task = "caption"
+    max_text_length = 40
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.text_decoder = TextDecoder(self.text_cfg())
+
+    def forward(self, *args, **kwargs):
+        return self.losses(*args, **kwargs)
+
+    def prompt_ids(self, prompt: str, n: int):
+        """[DEC] + the prompt's tokens (no [SEP]), for n inputs."""
+        ids, _ = self.tokenize([prompt] * n, first_token=DEC_ID)
+        return ids[:, :-1]
+
+    def losses(self, pixel_values, captions, prompt=None):
+        """loss_lm on `prompt + caption` (the prompt is added here; its tokens are masked from the loss)."""
+        prompt = self.cfg.prompt if prompt is None else prompt
+        image_embeds = self.visual_encoder(pixel_values)
+        ids, mask = self.tokenize([prompt + c for c in captions], max_length=self.max_text_length, first_token=DEC_ID)
+        targets = ids.masked_fill(ids == PAD_ID, -100)
+        targets[:, :self.prompt_ids(prompt, 1).shape[1]] = -100
+        return {"loss_lm": lm_loss(self.text_decoder(ids, mask, image_embeds), targets)}
+
+    @torch.no_grad()
+    def generate(self, pixel_values, num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0,
+                 sample=False, top_p=0.9, top_k=50, prompt=None, generator=None, return_ids=False):
+        """Captions (the prompt cut off their front, as the original). Beam search, or nucleus sampling
+        with `sample=True` (the original used repetition_penalty 1.1 there). max_length counts the prompt."""
+        prompt = self.cfg.prompt if prompt is None else prompt
+        image_embeds = self.visual_encoder(pixel_values)
+        ids = generate_ids(self.text_decoder, image_embeds, self.prompt_ids(prompt, len(image_embeds)),
+                           num_beams=num_beams, max_length=max_length, min_length=min_length,
+                           repetition_penalty=repetition_penalty, sample=sample, top_p=top_p, top_k=top_k,
+                           eos_id=SEP_ID, pad_id=PAD_ID, generator=generator)
+        if return_ids:
+            return ids
+        return [decode(seq)[len(prompt):] for seq in ids]

@@ -1,0 +1,41 @@
+"""NLVR2 (`nlvr`): one text, two images; the text stack's cross-attention is twinned per image."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..med import TextModel
+from ..tokenizer import ENC_ID
+from .base import BlipModel
+
+
+class BlipNLVR(BlipModel):
+    task = "nlvr"
+    fresh_keys = ("merge_layer", "cls_head")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        tcfg = self.text_cfg(twin_cross_attention=True)
+        self.text_encoder = TextModel(tcfg)
+        h = tcfg.hidden_size
+        self.cls_head = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2))
+
+    def forward(self, *args, **kwargs):
+        return self.losses(*args, **kwargs)
+
+    def logits(self, pixel_values_0, pixel_values_1, texts):
+        """[n, 2] logits (1 = True). Both images go through the ViT in one batch, as the original."""
+        image_embeds = self.visual_encoder(torch.cat([pixel_values_0, pixel_values_1]))
+        e0, e1 = image_embeds.split(pixel_values_0.shape[0])
+        ids, mask = self.tokenize(texts, first_token=ENC_ID)
+        h = self.text_encoder(ids, mask, [e0, e1], [None, None])
+        return self.cls_head(h[:, 0])
+
+    def losses(self, pixel_values_0, pixel_values_1, texts, targets):
+        targets = torch.as_tensor(targets, device=self.device)
+        return {"loss_nlvr": F.cross_entropy(self.logits(pixel_values_0, pixel_values_1, texts).float(), targets)}
+
+    @torch.no_grad()
+    def predict(self, pixel_values_0, pixel_values_1, texts):
+        return self.logits(pixel_values_0, pixel_values_1, texts).argmax(-1)

@@ -1,0 +1,246 @@
+"""Image-text matching (`itm`), retrieval fine-tuning (`retrieval`) and pretraining (`pretrain`) models.
+
+BlipITM: ViT + text encoder + projections + ITM head (the original blip_itm, also the feature extractor).
+BlipRetrieval: + momentum encoders, feature queues, image-index queue (ITC with several positives).
+BlipPretrain: + the LM decoder tied to the text encoder; ITC + ITM + LM.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import distributed as dist
+from ..losses import draw_hard_negatives, itc_loss, itm_loss
+from ..med import TextDecoder, TextModel, lm_loss, tie_decoder_to_encoder
+from ..tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID
+from .base import BlipModel, MomentumMixin
+
+
+class BlipITM(BlipModel):
+    task = "itm"
+    itm_first_token = CLS_ID  # the original's standalone ITM model keeps [CLS] first
+    text_max_length = 35
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        tcfg = self.text_cfg()
+        self.text_encoder = TextModel(tcfg)
+        self.vision_proj = nn.Linear(self.vision_cfg.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(tcfg.hidden_size, cfg.embed_dim)
+        self.itm_head = nn.Linear(tcfg.hidden_size, 2)
+
+    # -- features -------------------------------------------------------------------------------
+    def image_features(self, pixel_values):
+        """(image token embeddings [B, N, w], normalised projected [CLS] feature [B, embed_dim])."""
+        image_embeds = self.visual_encoder(pixel_values)
+        return image_embeds, F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_features(self, texts, max_length=None):
+        """(ids, mask, normalised projected [CLS] feature) of the text-only encoder."""
+        ids, mask = self.tokenize(texts, max_length=max_length or self.text_max_length)
+        h = self.text_encoder(ids, mask)
+        return ids, mask, F.normalize(self.text_proj(h[:, 0]), dim=-1)
+
+    def itm_logits(self, image_embeds, ids, mask):
+        """ITM head over paired rows (image_embeds[i] with ids[i])."""
+        return self.itm_head(self.text_encoder(ids, mask, image_embeds)[:, 0])
+
+    # -- inference API ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def itm_score(self, pixel_values, texts):
+        """Match probability of image i with text i."""
+        image_embeds = self.visual_encoder(pixel_values)
+        ids, mask = self.tokenize(texts, max_length=self.text_max_length, first_token=self.itm_first_token)
+        return self.itm_logits(image_embeds, ids, mask).float().softmax(-1)[:, 1]
+
+    @torch.no_grad()
+    def itc_similarity(self, pixel_values, texts):
+        """Cosine similarity of the projected [CLS] features, images × texts (no temperature)."""
+        _, image_feat = self.image_features(pixel_values)
+        return image_feat @ self.text_features(texts)[2].t()
+
+    @torch.no_grad()
+    def extract_features(self, pixel_values=None, texts=None, mode="multimodal"):
+        """The original feature extractor: 'image' → ViT tokens, 'text' → text-encoder states,
+        'multimodal' → text ([ENC] first) cross-attending to the image (pairs)."""
+        if mode == "image":
+            return self.visual_encoder(pixel_values)
+        if mode == "text":
+            ids, mask = self.tokenize(texts)
+            return self.text_encoder(ids, mask)
+        ids, mask = self.tokenize(texts, first_token=ENC_ID)
+        return self.text_encoder(ids, mask, self.visual_encoder(pixel_values))
+
+    @torch.no_grad()
+    def retrieval_scores(self, pixel_values=None, texts=None, k_test=256, *, image_embeds=None, image_feat=None,
+                         text_ids=None, text_mask=None, text_feat=None, batch_size=128, progress=False):
+        """The original retrieval evaluation: ITC top-k per query, then ITM logit[:, 1] + ITC similarity for
+        those k, −100 elsewhere. Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]).
+
+        Re-ranking is batched over queries (`batch_size` pairs per ITM call), not one query at a time.
+        Precomputed features may be passed instead of pixel_values/texts (the evaluator does).
+        """
+        if image_embeds is None:
+            image_embeds, image_feat = self.image_features(pixel_values)
+        if text_feat is None:
+            text_ids, text_mask, text_feat = self.text_features(texts)
+        text_ids = text_ids.clone()
+        text_ids[:, 0] = ENC_ID
+        sims = image_feat @ text_feat.t()
+        n_img, n_txt = sims.shape
+        score_i2t = self.rerank(sims, k_test, image_embeds, text_ids, text_mask, queries_are_images=True,
+                                batch_size=batch_size, progress=progress)
+        score_t2i = self.rerank(sims.t(), k_test, image_embeds, text_ids, text_mask, queries_are_images=False,
+                                batch_size=batch_size, progress=progress)
+        return score_i2t, score_t2i
+
+    @torch.no_grad()
+    def rerank(self, sims, k, image_embeds, text_ids, text_mask, queries_are_images, batch_size=128,
+               query_offset=0, progress=False):
+        """ITM re-rank of each query row's top-k columns. sims [n_query, n_cand] (rows may be a slice
+        of the queries starting at `query_offset`)."""
+        k = min(k, sims.shape[1])
+        top_sim, top_idx = sims.topk(k, dim=1)
+        q_idx = (torch.arange(sims.shape[0], device=sims.device) + query_offset)[:, None].expand(-1, k).reshape(-1)
+        c_idx = top_idx.reshape(-1)
+        img_idx, txt_idx = (q_idx, c_idx) if queries_are_images else (c_idx, q_idx)
+        scores = torch.empty(len(c_idx), device=sims.device)
+        starts = range(0, len(c_idx), batch_size)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="ITM re-rank", leave=False)
+        for s in starts:
+            i, t = img_idx[s:s + batch_size], txt_idx[s:s + batch_size]
+            ids, mask = text_ids[t], text_mask[t]
+            width = int(mask.sum(1).max())  # trim padding shared by the whole chunk
+            scores[s:s + batch_size] = self.itm_logits(image_embeds[i], ids[:, :width], mask[:, :width])[:, 1].float()
+        out = torch.full_like(sims, -100.0)
+        out.scatter_(1, top_idx, scores.view(-1, k) + top_sim)
+        return out
+
+
+class _Contrastive(MomentumMixin, BlipITM):
+    """ITC (momentum encoders + queues) and ITM with hard negatives: shared by retrieval and pretraining."""
+    itm_first_token = ENC_ID
+
+    def __init__(self, cfg, ptr_name):
+        super().__init__(cfg)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self._init_momentum([("visual_encoder", self.visual_encoder), ("vision_proj", self.vision_proj),
+                             ("text_encoder", self.text_encoder), ("text_proj", self.text_proj)],
+                            cfg.queue_size, cfg.embed_dim, ptr_name)
+
+    def forward(self, *args, **kwargs):  # DDP calls forward: training = the losses
+        return self.losses(*args, **kwargs)
+
+    def _itc(self, pixel_values, texts, pos_fn, alpha, update_queue, idx=None):
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_embeds, image_feat = self.image_features(pixel_values)
+        ids, mask, text_feat = self.text_features(texts)
+        with torch.no_grad():
+            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(pixel_values)[:, 0]), dim=-1)
+            text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
+        loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                                              self.text_queue, self.temp, alpha, pos_fn())
+        if update_queue:
+            self.enqueue(image_feat_m, text_feat_m, idx)
+        return image_embeds, image_feat, ids, mask, text_feat, loss_ita, sim_i2t, sim_t2i
+
+    def _itm(self, image_embeds, ids, mask, weights_fn, hard_negatives, all_rank, generator=None):
+        """ITM loss; negatives drawn by `weights_fn()` -> (w_t2i, w_i2t) unless `hard_negatives` given."""
+        ids = ids.clone()
+        ids[:, 0] = ENC_ID
+        neg = {}
+        if all_rank:  # gathered ids must share one width across ranks
+            pad = self.text_max_length - ids.shape[1]
+            ids, mask = F.pad(ids, (0, pad), value=PAD_ID), F.pad(mask, (0, pad))
+            neg = dict(neg_image_embeds=dist.all_gather_with_grad(image_embeds),
+                       neg_ids=dist.all_gather_no_grad(ids), neg_mask=dist.all_gather_no_grad(mask))
+        if hard_negatives is None:
+            hard_negatives = draw_hard_negatives(*weights_fn(), generator=generator)
+        neg_image_for_text, neg_text_for_image = (torch.as_tensor(h, device=ids.device) for h in hard_negatives)
+        loss = itm_loss(self.itm_logits, image_embeds, ids, mask, neg_image_for_text, neg_text_for_image, **neg)
+        return loss, (neg_image_for_text, neg_text_for_image)
+
+
+class BlipRetrieval(_Contrastive):
+    task = "retrieval"
+    fresh_keys = ("idx_queue", "ptr_queue", "image_queue", "text_queue", "temp", "_m.")
+
+    def __init__(self, cfg):
+        super().__init__(cfg, "ptr_queue")
+        self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
+
+    def losses(self, pixel_values, texts, idx, alpha=0.4, hard_negatives=None, update_queue=True,
+               return_negatives=False, generator=None):
+        """loss_ita (all captions of one image index are positives) + loss_itm (hard negatives).
+
+        Call `momentum_update()` first in training, as the original did at the start of its forward.
+        """
+        idx = torch.as_tensor(idx, device=self.device).view(-1, 1)
+        pos_fn = lambda: torch.eq(idx, torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)).float()
+        image_embeds, image_feat, ids, mask, text_feat, loss_ita, _, _ = self._itc(
+            pixel_values, texts, pos_fn, alpha, update_queue, idx.view(-1))
+        all_rank = self.cfg.negative_all_rank and dist.get_world_size() > 1
+
+        def weights():  # recomputed from the online features; every caption of the same image is masked
+            with torch.no_grad():
+                if all_rank:
+                    img_f, txt_f, ix = (dist.all_gather_no_grad(t) for t in (image_feat, text_feat, idx))
+                    same = torch.eq(idx, ix.t())
+                    w_i2t = F.softmax(image_feat @ txt_f.t() / self.temp, 1).masked_fill(same, 0)
+                    w_t2i = F.softmax(text_feat @ img_f.t() / self.temp, 1).masked_fill(same, 0)
+                    return w_t2i, w_i2t
+                same = torch.eq(idx, idx.t())
+                w_i2t = F.softmax(image_feat @ text_feat.t() / self.temp, 1).masked_fill(same, 0)
+                w_t2i = F.softmax(text_feat @ image_feat.t() / self.temp, 1).masked_fill(same, 0)
+                return w_t2i, w_i2t
+
+        loss_itm, negs = self._itm(image_embeds, ids, mask, weights, hard_negatives, all_rank, generator)
+        out = {"loss_ita": loss_ita, "loss_itm": loss_itm}
+        if return_negatives:
+            out["negatives"] = negs
+        return out
+
+
+class BlipPretrain(_Contrastive):
+    task = "pretrain"
+    text_max_length = 30
+    fresh_keys = ("image_queue", "text_queue", "queue_ptr", "temp", "_m.", "itm_head", "vision_proj", "text_proj",
+                  "text_decoder.")
+
+    def __init__(self, cfg):
+        super().__init__(cfg, "queue_ptr")
+        self.text_decoder = TextDecoder(self.text_cfg())
+        tie_decoder_to_encoder(self.text_decoder, self.text_encoder)
+
+    def losses(self, pixel_values, texts, alpha=0.4, hard_negatives=None, update_queue=True,
+               return_negatives=False, generator=None):
+        """loss_ita + loss_itm + loss_lm, as the original pretraining forward (momentum_update() first)."""
+        b = pixel_values.shape[0]
+        pos_fn = lambda: torch.eye(b, b + self.image_queue.shape[1], device=self.device)
+        image_embeds, _, ids, mask, _, loss_ita, sim_i2t, sim_t2i = self._itc(
+            pixel_values, texts, pos_fn, alpha, update_queue)
+
+        def weights():  # from the ITC logits already computed, local columns, +1e-4, positives zeroed
+            with torch.no_grad():
+                w_t2i = F.softmax(sim_t2i[:, :b].float(), dim=1) + 1e-4
+                w_i2t = F.softmax(sim_i2t[:, :b].float(), dim=1) + 1e-4
+                return w_t2i.fill_diagonal_(0), w_i2t.fill_diagonal_(0)
+
+        all_rank = self.cfg.negative_all_rank and dist.get_world_size() > 1
+        if all_rank:
+            raise NotImplementedError("negative_all_rank for pretraining is not implemented; "
+                                      "the original draws pretraining negatives from the local batch")
+        loss_itm, negs = self._itm(image_embeds, ids, mask, weights, hard_negatives, False, generator)
+
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = DEC_ID
+        targets = dec_ids.masked_fill(dec_ids == PAD_ID, -100)
+        logits = self.text_decoder(dec_ids, mask, image_embeds)
+        out = {"loss_ita": loss_ita, "loss_itm": loss_itm, "loss_lm": lm_loss(logits, targets)}
+        if return_negatives:
+            out["negatives"] = negs
+        return out

@@ -1,0 +1,71 @@
+"""VQA (`vqa`): the question cross-attends to the image; the answer decoder cross-attends to the question."""
+from __future__ import annotations
+
+import torch
+
+from ..generation import generate_ids
+from ..med import TextDecoder, TextModel, lm_loss
+from ..tokenizer import DEC_ID, ENC_ID, PAD_ID, SEP_ID, decode
+from .base import BlipModel
+
+
+class BlipVQA(BlipModel):
+    task = "vqa"
+    question_max_length = 35
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.text_encoder = TextModel(self.text_cfg())
+        # The answer decoder reads question states: its cross-attention is text-wide, even beside ViT-L.
+        tcfg = self.cfg.text()
+        self.text_decoder = TextDecoder(self.cfg.text(encoder_width=tcfg.hidden_size))
+
+    def forward(self, *args, **kwargs):
+        return self.losses(*args, **kwargs)
+
+    def encode_questions(self, pixel_values, questions):
+        ids, mask = self.tokenize(questions, max_length=self.question_max_length, first_token=ENC_ID)
+        return self.text_encoder(ids, mask, self.visual_encoder(pixel_values)), mask
+
+    def losses(self, pixel_values, questions, answers, n, weights):
+        """Σ weight · (summed, label-smoothed) answer loss / batch size; `n[b]` answers belong to question b."""
+        states, q_mask = self.encode_questions(pixel_values, questions)
+        repeat = torch.as_tensor(n, device=self.device)
+        states, q_mask = states.repeat_interleave(repeat, 0), q_mask.repeat_interleave(repeat, 0)
+        ids, mask = self.tokenize(answers, first_token=DEC_ID)
+        targets = ids.masked_fill(ids == PAD_ID, -100)
+        seq_loss = lm_loss(self.text_decoder(ids, mask, states, q_mask), targets, reduction="none")
+        weights = torch.as_tensor(weights, dtype=seq_loss.dtype, device=self.device)
+        return {"loss_vqa": (weights * seq_loss).sum() / pixel_values.shape[0]}
+
+    @torch.no_grad()
+    def answer(self, pixel_values, questions, method="generate", answer_list=None, k=128, num_beams=3,
+               max_length=10, min_length=1):
+        """Answers by beam-search generation, or by ranking `answer_list` (top-k first tokens, then full
+        sequences scored by −loss), both as the original."""
+        states, q_mask = self.encode_questions(pixel_values, questions)
+        if method == "generate":
+            # The original attends to every question position here, padding included.
+            prompt = torch.full((len(questions), 1), DEC_ID, dtype=torch.long, device=self.device)
+            ids = generate_ids(self.text_decoder, states, prompt, num_beams=num_beams, max_length=max_length,
+                               min_length=min_length, eos_id=SEP_ID, pad_id=PAD_ID)
+            return [decode(seq) for seq in ids]
+        if method != "rank":
+            raise ValueError(f"method must be 'generate' or 'rank', got {method!r}")
+        if not answer_list:
+            raise ValueError("method='rank' needs answer_list")
+        best = self.rank_answers(states, q_mask, answer_list, k)
+        return [answer_list[i] for i in best.tolist()]
+
+    def rank_answers(self, states, q_mask, answer_list, k):
+        ans_ids, ans_mask = self.tokenize(answer_list, first_token=DEC_ID)
+        nq, k = states.shape[0], min(k, len(answer_list))
+        start = torch.full((nq, 1), DEC_ID, dtype=torch.long, device=self.device)
+        first_logits = self.text_decoder(start, None, states, q_mask)[:, 0].float()
+        first_probs = first_logits.softmax(-1).index_select(1, ans_ids[:, 1])
+        _, top = first_probs.topk(k, dim=1)  # [nq, k]
+        ids, mask = ans_ids[top.view(-1)], ans_mask[top.view(-1)]
+        targets = ids.masked_fill(ids == PAD_ID, -100)
+        logits = self.text_decoder(ids, mask, states.repeat_interleave(k, 0), q_mask.repeat_interleave(k, 0))
+        log_probs = -lm_loss(logits, targets, reduction="none").view(nq, k)
+        return top.gather(1, log_probs.argmax(1, keepdim=True))[:, 0]
