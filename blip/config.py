@@ -1,0 +1,201 @@
+"""One flat, typed config for every task, read from YAML.
+
+`Config` holds the union of the original BLIP YAML keys (same names, same meaning) plus ours.
+Defaults are the original values where the original configs agree (or its code's constants);
+each configs/*.yaml states its task's values. Unknown keys are errors, never silently ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import io
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+
+@dataclass
+class Config:
+    # --- what to run ---------------------------------------------------------------------------
+    task: str = ""                      # pretrain | retrieval | caption | nocaps | vqa | nlvr
+    seed: int = 42                      # the original's --seed default
+    output_dir: str = "output"
+    # --- data (original keys) ------------------------------------------------------------------
+    image_root: str = ""
+    ann_root: str = "annotation"
+    dataset: str = ""                   # retrieval: 'coco' | 'flickr'
+    train_file: list[str] = field(default_factory=list)   # pretraining JSON files
+    laion_path: str = ""
+    train_files: list[str] = field(default_factory=list)  # VQA: vqa_train, vqa_val, vg_qa
+    vqa_root: str = ""
+    vg_root: str = ""
+    coco_gt_root: str = ""
+    max_words: int = 30                 # caption words kept by the datasets' pre_caption
+    num_workers: int = 4
+    shapes: dict | None = None          # offline shapes-world generator settings (data/shapes.py)
+    # --- model sizes -----------------------------------------------------------------------------
+    vit: str = "base"                   # 'base' | 'large'; the fields below override its sizes
+    vision_width: int | None = None
+    vision_depth: int | None = None
+    vision_heads: int | None = None
+    patch_size: int | None = None
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0
+    drop_path_rate: float | None = None  # None: the task's original (0 or 0.1, see SPEC §3)
+    image_size: int = 384
+    med_config: dict | str | None = None  # BERT/MED overrides (dict) or a JSON path; None: base
+    embed_dim: int = 256                # ITC projection width
+    pretrained: str = ""                # checkpoint path to initialise from ('' = none)
+    # --- optimisation ----------------------------------------------------------------------------
+    init_lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_lr: float = 1e-6
+    lr_decay_rate: float = 0.9
+    warmup_steps: int = 3000
+    weight_decay: float = 0.05
+    max_epoch: int = 5
+    batch_size: int = 32                # per GPU, when the task has one batch size
+    batch_size_train: int | None = None  # per GPU; None: batch_size
+    batch_size_test: int | None = None
+    grad_accum_steps: int = 1
+    grad_clip: float | None = None      # max grad norm; None: no clipping (as the original)
+    precision: str = "fp32"             # 'fp32' | 'bf16' | 'fp16'
+    save_every_steps: int = 0           # 0: checkpoint at epoch ends only
+    log_every: int = 50                 # the original's print_freq
+    # --- contrastive / momentum ------------------------------------------------------------------
+    queue_size: int = 57600
+    alpha: float = 0.4
+    momentum: float = 0.995
+    label_smoothing: float = 0.1        # decoder LM loss
+    negative_all_rank: bool = False
+    # --- evaluation / generation ---------------------------------------------------------------
+    k_test: int = 256
+    prompt: str = "a picture of "
+    max_length: int = 20
+    min_length: int = 5
+    num_beams: int = 3
+    repetition_penalty: float = 1.0     # the NoCaps script uses 1.1
+    inference: str = "rank"             # VQA: 'rank' | 'generate'
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.batch_size if self.batch_size_train is None else self.batch_size_train
+
+    @property
+    def test_batch_size(self) -> int:
+        return self.batch_size if self.batch_size_test is None else self.batch_size_test
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {"vit": ("base", "large"), "precision": ("fp32", "bf16", "fp16"),
+            "inference": ("rank", "generate")}
+_yaml = YAML(typ="safe")
+
+
+def _allowed_types(name: str) -> tuple[type, ...]:
+    hint = typing.get_type_hints(Config)[name]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return tuple(type(None) if a is type(None) else (typing.get_origin(a) or a) for a in args)
+
+
+def _check(name: str, value: Any, where: str) -> Any:
+    """Light type check; ints are accepted (and converted) where floats are expected."""
+    allowed = _allowed_types(name)
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok and float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        names = " | ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise TypeError(f"{where}: config key '{name}' expects {names}, got {value!r}")
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ValueError(f"{where}: config key '{name}' must be one of {_CHOICES[name]}, got {value!r}")
+    return value
+
+
+def _unknown(key: str, where: str) -> ValueError:
+    close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(Config)], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ValueError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def _set(values: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set `key` (or `field.subkey` inside a dict-valued field such as med_config)."""
+    name, _, sub = key.partition(".")
+    if name not in values:
+        raise _unknown(name, where)
+    if not sub:
+        values[name] = _check(name, value, where)
+        return
+    node = values[name]
+    if node is None:
+        node = values[name] = {}
+    if not isinstance(node, dict):
+        raise TypeError(f"{where}: '{key}': config key '{name}' holds {node!r}, not a mapping")
+    *parents, leaf = sub.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key=value' -> (key, value), the value read as YAML ('1e-4' float, 'true' bool, '[a, b]')."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set: expected KEY=VALUE, got {text!r}")
+    return key.strip(), _yaml.load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Read a YAML config (None: defaults only), then apply `key=value` overrides in order."""
+    values = Config().to_dict()
+    if path is not None:
+        data = _yaml.load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config file must be a mapping of keys to values")
+        for key, value in data.items():
+            if key not in values:
+                raise _unknown(str(key), str(path))
+            values[key] = _check(key, value, str(path))
+    for text in overrides:
+        _set(values, *parse_override(text), where="--set")
+    return Config(**values)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    y = YAML(typ="safe")
+    y.default_flow_style = False
+    buf = io.StringIO()
+    y.dump(cfg.to_dict(), buf)
+    return buf.getvalue()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(config_to_yaml(cfg))
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every entry script shares."""
+    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/caption_coco.yaml")
+    parser.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[],
+                        metavar="KEY=VALUE", help="override config keys, e.g. --set init_lr=1e-4")
+    parser.add_argument("--output-dir", default=None, help="overrides the config's output_dir")
+    parser.add_argument("--resume", default=None, help="checkpoint to resume, or 'latest'")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate only, no training")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """load_config from the parsed flags of add_config_args (with --output-dir applied)."""
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir is not None:
+        cfg.output_dir = args.output_dir
+    return cfg

@@ -1,0 +1,104 @@
+import argparse
+from pathlib import Path
+
+import pytest
+
+from blip.config import (Config, add_config_args, config_from_args, load_config, parse_override,
+                         save_config)
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_every_config_loads():
+    names = {p.stem for p in CONFIGS}
+    assert {"pretrain", "retrieval_coco", "retrieval_flickr", "caption_coco", "nocaps", "vqa", "nlvr",
+            "shapes_pretrain", "shapes_retrieval", "shapes_caption", "shapes_vqa", "shapes_nlvr"} <= names
+    for p in CONFIGS:
+        cfg = load_config(p)
+        assert cfg.task, p
+
+
+def test_original_values():
+    c = load_config(CONFIGS[0].parent / "retrieval_coco.yaml")
+    assert (c.image_size, c.batch_size_train, c.batch_size_test, c.k_test, c.negative_all_rank,
+            c.vit_grad_ckpt, c.vit_ckpt_layer, c.init_lr, c.min_lr, c.max_epoch, c.queue_size) == \
+        (384, 32, 64, 256, True, True, 4, 1e-5, 0.0, 6, 57600)
+    f = load_config(CONFIGS[0].parent / "retrieval_flickr.yaml")
+    assert (f.k_test, f.negative_all_rank) == (128, False)
+    p = load_config(CONFIGS[0].parent / "pretrain.yaml")
+    assert (p.image_size, p.batch_size, p.init_lr, p.warmup_lr, p.lr_decay_rate, p.warmup_steps,
+            p.max_epoch) == (224, 75, 3e-4, 1e-6, 0.9, 3000, 20)
+    v = load_config(CONFIGS[0].parent / "vqa.yaml")
+    assert (v.image_size, v.train_batch_size, v.test_batch_size, v.init_lr, v.inference,
+            v.train_files) == (480, 16, 32, 2e-5, "rank", ["vqa_train", "vqa_val", "vg_qa"])
+    cap = load_config(CONFIGS[0].parent / "caption_coco.yaml")
+    assert (cap.prompt, cap.max_length, cap.min_length, cap.num_beams, cap.train_batch_size) == \
+        ("a picture of ", 20, 5, 3, 32)
+    n = load_config(CONFIGS[0].parent / "nlvr.yaml")
+    assert (n.init_lr, n.max_epoch, n.train_batch_size, n.test_batch_size) == (3e-5, 15, 16, 64)
+
+
+def test_shapes_configs_are_tiny_and_consistent():
+    for p in CONFIGS:
+        if p.stem.startswith("shapes_"):
+            c = load_config(p)
+            assert c.image_size == 64 and c.vision_width <= 192 and c.vision_depth <= 4
+            assert c.image_size % c.patch_size == 0 and c.vision_width % c.vision_heads == 0
+            assert c.med_config["hidden_size"] == 128 and c.med_config["num_hidden_layers"] <= 4
+            assert c.queue_size % c.train_batch_size == 0 and c.queue_size % (2 * c.train_batch_size) == 0
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    bad = tmp_path / "x.yaml"
+    bad.write_text("init_lr: 1e-4\nbatch_sise: 8\n")
+    with pytest.raises(ValueError, match=r"x\.yaml: unknown config key 'batch_sise'.*'batch_size'"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="--set: unknown config key 'nope'"):
+        load_config(None, ["nope=1"])
+
+
+def test_overrides_are_yaml_scalars():
+    c = load_config(None, ["init_lr=1e-4", "vit_grad_ckpt=true", "max_epoch=3", "min_lr=0",
+                           "prompt='a photo of '", "train_files=[a, b]", "grad_clip=1",
+                           "med_config.num_hidden_layers=2", "pretrained="])
+    assert c.init_lr == 1e-4 and c.vit_grad_ckpt is True and c.max_epoch == 3
+    assert isinstance(c.min_lr, float) and c.grad_clip == 1.0 and isinstance(c.grad_clip, float)
+    assert c.prompt == "a photo of " and c.train_files == ["a", "b"]
+    assert c.med_config == {"num_hidden_layers": 2} and c.pretrained == ""
+    assert parse_override("k = v=w") == ("k", "v=w")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_override("init_lr")
+
+
+@pytest.mark.parametrize("override, err", [("max_epoch=1.5", TypeError), ("vit_grad_ckpt=1", TypeError),
+                                           ("init_lr=fast", TypeError), ("vit=huge", ValueError),
+                                           ("precision=fp8", ValueError), ("seed=true", TypeError)])
+def test_override_type_checks(override, err):
+    with pytest.raises(err, match=override.split("=")[0]):
+        load_config(None, [override])
+
+
+def test_overrides_apply_after_the_file(tmp_path):
+    c = load_config(CONFIGS[0].parent / "shapes_caption.yaml", ["med_config.num_hidden_layers=3"])
+    assert c.med_config == {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+                            "intermediate_size": 512}
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(CONFIGS[0].parent / "shapes_vqa.yaml", ["seed=7"])
+    save_config(cfg, tmp_path / "sub" / "config.yaml")
+    assert load_config(tmp_path / "sub" / "config.yaml") == cfg
+    assert cfg.to_dict()["seed"] == 7 and Config().to_dict()["seed"] == 42
+
+
+def test_add_config_args():
+    parser = add_config_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--config", str(CONFIGS[0].parent / "nlvr.yaml"), "--set", "seed=1",
+                              "max_epoch=2", "--set", "init_lr=1e-3", "--output-dir", "o",
+                              "--evaluate", "--device", "cpu", "--resume", "latest"])
+    assert args.overrides == ["seed=1", "max_epoch=2", "init_lr=1e-3"]
+    assert args.evaluate and args.device == "cpu" and args.resume == "latest"
+    cfg = config_from_args(args)
+    assert (cfg.seed, cfg.max_epoch, cfg.init_lr, cfg.output_dir) == (1, 2, 1e-3, "o")
+    plain = parser.parse_args(["--config", "c.yaml"])
+    assert plain.overrides == [] and not plain.evaluate and plain.resume is None
