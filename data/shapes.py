@@ -1,0 +1,335 @@
+"""The shapes world: a small synthetic image-text world, written in every BLIP task's file format.
+
+A scene is one group of 1-3 identical shapes (kind, colour, size) placed at one position on a plain
+or textured background. Every caption, question and NLVR2 statement is generated from the scene
+description, so each is true (or, where a wrong one is wanted, provably false). The vocabulary is
+small and the shapes big and saturated, so a tiny model learns the tasks in CPU minutes.
+
+Generation is deterministic: one seed gives identical JSON and image bytes.
+
+    python -m data.shapes --out /tmp/shapes --n-train 1000
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
+          "yellow": (235, 205, 20), "purple": (140, 40, 190), "orange": (245, 125, 0)}
+KINDS = ("circle", "square", "triangle", "cross")
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+SIZES = {"small": 0.14, "large": 0.24}  # shape diameter / image side
+POSITIONS = ("left", "right", "top", "bottom", "center")
+POS_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top",
+              "bottom": "at the bottom", "center": "in the center"}
+BACKGROUNDS = ("white", "black", "striped", "checkered")
+NUMBER = {1: "one", 2: "two", 3: "three"}
+ATTRS = {"kind": KINDS, "color": tuple(COLORS), "count": (1, 2, 3), "size": tuple(SIZES),
+         "position": POSITIONS, "background": BACKGROUNDS}
+# Independent random streams, so changing one part (say the image size) leaves the others alone.
+SCENES, RENDER, PRETRAIN, VQA, NLVR = range(5)
+
+
+def _pick(rng, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def sample_scene(rng) -> dict:
+    return {name: _pick(rng, options) for name, options in ATTRS.items()}
+
+
+# ---- rendering ----
+
+_SPREAD = {1: (0.5,), 2: (0.3, 0.7), 3: (0.18, 0.5, 0.82)}  # shapes never touch
+_CENTER = {1: ((0.5, 0.5),), 2: ((0.38, 0.38), (0.62, 0.62)), 3: ((0.5, 0.32), (0.32, 0.66), (0.68, 0.66))}
+
+
+def layout(position: str, count: int):
+    """Shape centres in unit coordinates: a column (left/right), a row (top/bottom) or a cluster."""
+    t = _SPREAD[count]
+    return {"left": [(0.18, v) for v in t], "right": [(0.82, v) for v in t],
+            "top": [(v, 0.18) for v in t], "bottom": [(v, 0.82) for v in t],
+            "center": list(_CENTER[count])}[position]
+
+
+def _background(kind: str, s: int) -> np.ndarray:
+    y, x = np.mgrid[:s, :s]
+    if kind == "white":
+        gray = np.full((s, s), 235)
+    elif kind == "black":
+        gray = np.full((s, s), 25)
+    elif kind == "striped":  # diagonal bands
+        gray = np.where(((x + y) // max(2, s // 16)) % 2 == 0, 200, 110)
+    else:  # checkered
+        gray = np.where((x // max(2, s // 8) + y // max(2, s // 8)) % 2 == 0, 200, 110)
+    return np.repeat(gray[..., None], 3, -1).astype(np.uint8)
+
+
+def _draw_shape(draw, kind, cx, cy, r, fill):
+    if kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif kind == "square":
+        q = r * 0.9  # same visual weight as the circle
+        draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+    else:  # cross: two bars
+        w = r / 3
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+
+
+def render(scene: dict, size: int, rng) -> Image.Image:
+    """The scene as an RGB image; `rng` jitters colour and placement slightly."""
+    img = Image.fromarray(_background(scene["background"], size))
+    draw = ImageDraw.Draw(img)
+    fill = tuple(int(c) for c in np.clip(np.array(COLORS[scene["color"]]) + rng.integers(-12, 13, 3), 0, 255))
+    r = SIZES[scene["size"]] * size / 2
+    for ux, uy in layout(scene["position"], scene["count"]):
+        jx, jy = rng.uniform(-0.02, 0.02, 2) * size
+        _draw_shape(draw, scene["kind"], ux * size + jx, uy * size + jy, r, fill)
+    return img
+
+
+# ---- text ----
+
+def _noun(scene, kind=None):
+    kind = kind or scene["kind"]
+    return kind if scene["count"] == 1 else PLURAL[kind]
+
+
+def captions(scene: dict) -> list[str]:
+    """Five true captions, each naming the kind and count; they differ in what else they mention."""
+    c, color, size, bg = scene["count"], scene["color"], scene["size"], scene["background"]
+    num, art, be = NUMBER[c], ("a" if c == 1 else NUMBER[c]), ("is" if c == 1 else "are")
+    noun, pos = _noun(scene), POS_PHRASE[scene["position"]]
+    return [f"{num} {size} {color} {noun} {pos} of a {bg} background",
+            f"a {bg} background with {art} {color} {noun} {pos}",
+            f"there {be} {art} {size} {noun} {pos}",
+            f"{num} {color} {noun} on a {bg} background",
+            f"{art} {size} {color} {noun} {pos}"]
+
+
+def wrong_caption(scene: dict, rng) -> str:
+    """A caption of another scene with a different kind: every template names the kind, so it is false."""
+    other = sample_scene(rng)
+    other["kind"] = _pick(rng, [k for k in KINDS if k != scene["kind"]])
+    return _pick(rng, captions(other))
+
+
+def vqa_questions(scene: dict, rng) -> list[tuple[str, str, tuple]]:
+    """(question, answer, answers of the same type) for each question type."""
+    noun, be = _noun(scene), ("is" if scene["count"] == 1 else "are")
+    kind, color = scene["kind"], scene["color"]
+    ask_kind = kind if rng.random() < 0.5 else _pick(rng, [k for k in KINDS if k != kind])
+    ask_color = color if rng.random() < 0.5 else _pick(rng, [c for c in COLORS if c != color])
+    yes_no = ("yes", "no")
+    return [(f"what color {be} the {noun}?", color, tuple(COLORS)),
+            (_pick(rng, ["how many shapes are there?", f"how many {PLURAL[kind]} are there?"]),
+             str(scene["count"]), ("1", "2", "3")),
+            (f"is there a {ask_kind}?", "yes" if ask_kind == kind else "no", yes_no),
+            (f"where {be} the {noun}?", scene["position"], POSITIONS),
+            (f"what shape is {POS_PHRASE[scene['position']]}?", kind, KINDS),
+            (f"what size {be} the {noun}?", scene["size"], tuple(SIZES)),
+            ("what kind of background is it?", scene["background"], BACKGROUNDS),
+            (f"{be} the {noun} {ask_color}?", "yes" if ask_color == color else "no", yes_no)]
+
+
+def answer_list() -> list[str]:
+    return sorted(set(COLORS) | set(KINDS) | set(SIZES) | set(POSITIONS) | set(BACKGROUNDS)
+                  | {"1", "2", "3", "yes", "no"})
+
+
+def _ten_answers(answer, options, rng) -> list[str]:
+    """Ten annotators: all agree, except that 3 questions in 10 get one or two dissenters."""
+    answers = [answer] * 10
+    if rng.random() < 0.3:
+        for i in range(int(rng.integers(1, 3))):
+            answers[9 - i] = _pick(rng, [o for o in options if o != answer])
+    return answers
+
+
+# NLVR2 statements about a pair (A = left image, B = right image): (template, truth(A, B, value), value).
+# They never mention positions inside an image: training swaps the words left/right with the images.
+def _nlvr_statement(a, b, rng):
+    src = a if rng.random() < 0.5 else b  # values taken from the pair make true statements likely
+    k = src["kind"] if rng.random() < 0.7 else _pick(rng, KINDS)
+    c = src["color"] if rng.random() < 0.7 else _pick(rng, tuple(COLORS))
+    n = a["count"] if rng.random() < 0.6 else int(rng.integers(1, 4))
+    t = int(rng.integers(10))
+    if t == 0:
+        return f"the left image contains exactly {NUMBER[n]} {k if n == 1 else PLURAL[k]}", a["kind"] == k and a["count"] == n
+    if t == 1:
+        m = b["count"] if rng.random() < 0.6 else int(rng.integers(1, 4))
+        return f"the right image contains exactly {NUMBER[m]} {k if m == 1 else PLURAL[k]}", b["kind"] == k and b["count"] == m
+    if t == 2:
+        return f"there is a {c} shape in both images", a["color"] == c == b["color"]
+    if t == 3:
+        return f"both images contain {PLURAL[k]}", a["kind"] == k == b["kind"]
+    if t == 4:
+        return "the left image has more shapes than the right image", a["count"] > b["count"]
+    if t == 5:
+        return "the right image has more shapes than the left image", b["count"] > a["count"]
+    if t == 6:
+        return "both images have the same number of shapes", a["count"] == b["count"]
+    if t == 7:
+        return f"the shapes in the left image are {c}", a["color"] == c
+    if t == 8:
+        bg = src["background"] if rng.random() < 0.6 else _pick(rng, BACKGROUNDS)
+        return f"the right image has a {bg} background", b["background"] == bg
+    s = _pick(rng, tuple(SIZES))
+    return f"at least one image contains {s} shapes", s in (a["size"], b["size"])
+
+
+def nlvr_examples(ids, scenes, paths, n, rng) -> list[dict]:
+    """`n` statements over pairs of the given images, exactly balanced between True and False."""
+    by_attr = {}
+    for i in ids:
+        for attr in ("kind", "color"):
+            by_attr.setdefault((attr, scenes[i][attr]), []).append(i)
+    labels = rng.permutation(np.arange(n) % 2 == 0)
+    out = []
+    for want in labels:
+        for _ in range(1000):
+            i, attr = _pick(rng, ids), _pick(rng, ("kind", "color"))
+            # half the pairs share a kind or a colour, so that "both images ..." can be true
+            j = _pick(rng, by_attr[(attr, scenes[i][attr])] if rng.random() < 0.5 else ids)
+            if i == j:
+                continue
+            sentence, truth = _nlvr_statement(scenes[i], scenes[j], rng)
+            if truth == want:
+                break
+        else:
+            raise RuntimeError("could not draw an NLVR2 statement with the wanted label")
+        out.append({"images": [paths[i], paths[j]], "sentence": sentence, "label": str(bool(want))})
+    return out
+
+
+# ---- writing every task's files ----
+
+def _dump(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def _coco_gt(ids, scenes):
+    anns = [{"image_id": i, "caption": c, "id": 0} for i in ids for c in captions(scenes[i])]
+    for k, a in enumerate(anns):
+        a["id"] = k
+    return {"info": {}, "licenses": [], "type": "captions", "images": [{"id": i} for i in ids], "annotations": anns}
+
+
+def _write_shards(entries, root, n_shards):
+    os.makedirs(os.path.join(root, "pretrain_shards"), exist_ok=True)
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(root, "pretrain_shards", f"shard-{s:05d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
+            for k in range(s, len(entries), n_shards):
+                e = entries[k]
+                with open(os.path.join(root, e["image"]), "rb") as f:
+                    image = f.read()
+                for name, data in ((f"{k:08d}.png", image), (f"{k:08d}.txt", e["caption"].encode())):
+                    info = tarfile.TarInfo(name)  # fixed metadata: byte-identical archives
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def generate_shapes_world(out_dir, n_train=1000, n_val=100, n_test=100, image_size=64,
+                          noise_fraction=0.3, seed=0, questions_per_image=3, n_shards=2) -> dict[str, str]:
+    """Render the images and write every task's annotation files under `out_dir`.
+
+    Image paths in the files are relative to `out_dir` (the image root of every dataset). Returns
+    {name: absolute path}; `manifest.json` holds the same names relative to `out_dir`.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    rngs = [np.random.default_rng([seed, part]) for part in range(5)]
+    splits = {"train": range(1, n_train + 1), "val": range(n_train + 1, n_train + n_val + 1),
+              "test": range(n_train + n_val + 1, n_train + n_val + n_test + 1)}
+    scenes, paths = {}, {}
+    for split, ids in splits.items():
+        os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
+        for i in ids:  # the integer ending the file name is the image id (as COCO's)
+            scenes[i] = sample_scene(rngs[SCENES])
+            paths[i] = f"images/{split}/shapes_{i:06d}.png"
+            render(scenes[i], image_size, rngs[RENDER]).save(os.path.join(out_dir, paths[i]), optimize=False)
+
+    files = {}
+
+    def write(name, obj, fname=None):
+        files[name] = fname or f"{name}.json"
+        _dump(obj, os.path.join(out_dir, files[name]))
+
+    write("scenes", {str(i): dict(scenes[i], split=sp) for sp, ids in splits.items() for i in ids})
+
+    # Pretraining (train images, one caption each), with a known share of wrong captions.
+    rng = rngs[PRETRAIN]
+    train = list(splits["train"])
+    clean = [{"image": paths[i], "caption": _pick(rng, captions(scenes[i]))} for i in train]
+    noisy_idx = set(rng.permutation(len(train))[: round(noise_fraction * len(train))].tolist())
+    noise = [k in noisy_idx for k in range(len(train))]
+    noisy = [dict(e, caption=wrong_caption(scenes[i], rng)) if bad else e for e, i, bad in zip(clean, train, noise)]
+    write("pretrain", noisy)
+    write("pretrain_clean", clean)
+    write("pretrain_noise", noise)  # per pretrain.json entry: True = wrong caption
+    if n_shards:
+        _write_shards(noisy, out_dir, n_shards)
+        files["pretrain_shards"] = "pretrain_shards/shard-*.tar"
+
+    # COCO-Karpathy captioning / retrieval, with COCO-format ground truth for val and test.
+    write("karpathy_train", [{"image": paths[i], "caption": c, "image_id": str(i)} for i in train for c in captions(scenes[i])])
+    for sp in ("val", "test"):
+        write(f"karpathy_{sp}", [{"image": paths[i], "caption": captions(scenes[i])} for i in splits[sp]])
+        write(f"karpathy_{sp}_gt", _coco_gt(list(splits[sp]), scenes))
+    write("nocaps_val", [{"image": paths[i], "img_id": i} for i in splits["val"]])
+
+    # VQA: questions of distinct types per image; every split keeps its answers for accuracy.
+    rng, qid = rngs[VQA], 0
+    for sp in ("train", "val", "test"):
+        entries = []
+        for i in splits[sp]:
+            qs = vqa_questions(scenes[i], rng)
+            for t in rng.choice(len(qs), min(questions_per_image, len(qs)), replace=False).tolist():
+                question, answer, options = qs[t]
+                entries.append({"question_id": qid, "question": question, "answer": _ten_answers(answer, options, rng),
+                                "image": paths[i], "dataset": "vqa"})
+                qid += 1
+        write(f"vqa_{sp}", entries)
+    write("answer_list", answer_list())
+
+    # NLVR2: one statement per image of the split.
+    rng = rngs[NLVR]
+    for sp, name in (("train", "train"), ("val", "dev"), ("test", "test")):
+        ids = list(splits[sp])
+        write(f"nlvr_{name}", nlvr_examples(ids, scenes, paths, len(ids), rng) if len(ids) > 1 else [])
+
+    _dump(files, os.path.join(out_dir, "manifest.json"))
+    out = {name: os.path.join(os.path.abspath(out_dir), f) for name, f in files.items()}
+    out["root"] = os.path.abspath(out_dir)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate the shapes world in every BLIP task's format.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--n-val", type=int, default=100)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--noise-fraction", type=float, default=0.3)
+    p.add_argument("--questions-per-image", type=int, default=3)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    files = generate_shapes_world(a.out, a.n_train, a.n_val, a.n_test, a.image_size, a.noise_fraction,
+                                  a.seed, a.questions_per_image, a.shards)
+    for name, path in sorted(files.items()):
+        print(f"{name:16s} {path}")
+
+
+if __name__ == "__main__":
+    main()
