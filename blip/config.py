@@ -37,18 +37,20 @@ class Config:
     coco_gt_root: str = ""
     max_words: int = 30                 # caption words kept by the datasets' pre_caption
     num_workers: int = 4
-    shapes: dict | None = None          # offline shapes-world generator settings (data/shapes.py)
+    shapes: dict | None = None          # data.shapes.generate_shapes_world(**shapes) arguments
     # --- model sizes -----------------------------------------------------------------------------
     vit: str = "base"                   # 'base' | 'large'; the fields below override its sizes
     vision_width: int | None = None
     vision_depth: int | None = None
     vision_heads: int | None = None
-    patch_size: int | None = None
+    patch_size: int = 16
+    vision_layer_norm_eps: float = 1e-6
     vit_grad_ckpt: bool = False
     vit_ckpt_layer: int = 0
     drop_path_rate: float | None = None  # None: the task's original (0 or 0.1, see SPEC §3)
     image_size: int = 384
     med_config: dict | str | None = None  # BERT/MED overrides (dict) or a JSON path; None: base
+    text_grad_ckpt: bool = False
     embed_dim: int = 256                # ITC projection width
     pretrained: str = ""                # checkpoint path to initialise from ('' = none)
     # --- optimisation ----------------------------------------------------------------------------

@@ -102,3 +102,23 @@ def test_add_config_args():
     assert (cfg.seed, cfg.max_epoch, cfg.init_lr, cfg.output_dir) == (1, 2, 1e-3, "o")
     plain = parser.parse_args(["--config", "c.yaml"])
     assert plain.overrides == [] and not plain.evaluate and plain.resume is None
+
+
+def test_config_covers_the_model_options():
+    # Every ModelConfig option can be set from a YAML file (the engine passes them through).
+    from dataclasses import fields
+    from blip.models import ModelConfig
+    missing = {f.name for f in fields(ModelConfig)} - {f.name for f in fields(Config)}
+    assert not missing
+
+
+def test_shapes_section_fits_the_generator():
+    import inspect
+    shapes = pytest.importorskip("data.shapes")
+    params = inspect.signature(shapes.generate_shapes_world).parameters
+    for p in CONFIGS:
+        if p.stem.startswith("shapes_"):
+            c = load_config(p)
+            assert set(c.shapes) <= set(params), p
+            assert c.shapes["image_size"] == c.image_size
+            assert c.k_test <= len(shapes.answer_list()) or c.task != "vqa"
