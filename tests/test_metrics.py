@@ -147,7 +147,7 @@ def test_caption_scores_from_coco_file_with_meteor(tmp_path):
     gt_file.write_text(json.dumps({"images": [{"id": i} for i in GTS], "annotations": anns}))
     # A caption equal to a reference scores 1 in BLEU and ROUGE-L after tokenisation.
     perfect = [{"image_id": i, "caption": cs[0]} for i, cs in GTS.items()]
-    got = caption_scores(perfect, str(gt_file))
+    got = caption_scores(perfect, gt_file)
     assert [got[f"Bleu_{n}"] for n in range(1, 5)] == pytest.approx([1.0] * 4, abs=1e-6)
     assert got["ROUGE_L"] == pytest.approx(1.0)
     assert 0.5 < got["METEOR"] <= 1.0

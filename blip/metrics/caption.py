@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 log = logging.getLogger(__name__)
+_spice_notice_given = False
 
 
 def spice_available() -> bool:
@@ -21,7 +22,7 @@ def spice_available() -> bool:
     return all(os.path.exists(os.path.join(lib, f"stanford-corenlp-3.6.0{s}.jar")) for s in ("", "-models"))
 
 
-def load_coco_gt(gt_file: str) -> dict[int, list[str]]:
+def load_coco_gt(gt_file: str | os.PathLike) -> dict[int, list[str]]:
     """image_id -> reference captions from a COCO-format file ({images, annotations})."""
     with open(gt_file) as f:
         data = json.load(f)
@@ -31,7 +32,7 @@ def load_coco_gt(gt_file: str) -> dict[int, list[str]]:
     return gts
 
 
-def caption_scores(results: Sequence[Mapping], gt: str | Mapping[int, Sequence[str]], *,
+def caption_scores(results: Sequence[Mapping], gt: str | os.PathLike | Mapping[int, Sequence[str]], *,
                    meteor: bool = True, spice: bool | None = None) -> dict[str, float]:
     """Corpus scores (fractions, as pycocoevalcap reports them) of `[{image_id, caption}]`.
 
@@ -44,7 +45,7 @@ def caption_scores(results: Sequence[Mapping], gt: str | Mapping[int, Sequence[s
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    gts_all = load_coco_gt(gt) if isinstance(gt, str) else gt
+    gts_all = load_coco_gt(gt) if isinstance(gt, (str, os.PathLike)) else gt
     res: dict = {}
     for r in results:  # the original de-duplicates results by image_id, keeping the first
         res.setdefault(r["image_id"], [{"caption": r["caption"]}])
@@ -69,8 +70,10 @@ def caption_scores(results: Sequence[Mapping], gt: str | Mapping[int, Sequence[s
     out["CIDEr"] = Cider().compute_score(gts, res)[0]
     if spice is None:
         spice = spice_available()
-        if not spice:
-            log.info("SPICE skipped: Stanford CoreNLP 3.6.0 jars are not in pycocoevalcap/spice/lib")
+        global _spice_notice_given
+        if not spice and not _spice_notice_given:
+            _spice_notice_given = True
+            log.warning("SPICE skipped: the Stanford CoreNLP 3.6.0 jars are not in pycocoevalcap/spice/lib")
     if spice:
         from pycocoevalcap.spice.spice import Spice
         out["SPICE"] = Spice().compute_score(gts, res)[0]
