@@ -147,7 +147,10 @@ def _set(values: dict[str, Any], key: str, value: Any, where: str) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'key=value' -> (key, value), the value read as YAML ('1e-4' float, 'true' bool, '[a, b]')."""
+    """'key=value' -> (key, value), the value read as YAML ('1e-4' float, 'true' bool, '[a, b]').
+
+    Quote strings whose edges matter: prompt='a photo of ' (YAML drops a plain trailing space).
+    """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"--set: expected KEY=VALUE, got {text!r}")
