@@ -39,13 +39,17 @@ def load_model(task: str, checkpoint=None, strict: bool | None = None, **overrid
 
 
 def _is_ours(path) -> bool:
-    return str(path).endswith(".safetensors")
+    """Checkpoints that carry a model config: our safetensors, a transformers directory (config.json)."""
+    from pathlib import Path
+    return str(path).endswith(".safetensors") or Path(path).is_dir()
 
 
 def config_from_transformers(cfg) -> dict:
     """ModelConfig overrides from a transformers BlipConfig (object or dict)."""
-    if not isinstance(cfg, dict):
-        cfg = cfg.to_dict()
+    if isinstance(cfg, dict):  # a config.json: transformers writes only the non-default values
+        from transformers import BlipConfig
+        cfg = BlipConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
+    cfg = cfg.to_dict()
     v, t = cfg["vision_config"], cfg["text_config"]
     med = dict(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], num_hidden_layers=t["num_hidden_layers"],
                num_attention_heads=t["num_attention_heads"], intermediate_size=t["intermediate_size"],

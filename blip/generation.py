@@ -172,5 +172,7 @@ def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, nb, max_length, mi
         if not done[i]:
             for j in range(nb):
                 hyps[i].add(ids[i * nb + j].tolist(), beam_scores[i * nb + j].item())
-        out.append(hyps[i].best())
+        best = hyps[i].best()
+        # as 4.15's finalize: a hypothesis that ended on [SEP] (shorter than max_length) gets it back
+        out.append(best + [eos_id] if len(best) < max_length else best)
     return out
