@@ -12,15 +12,15 @@ import os
 from blip import distributed as dist
 from blip.engine import fit
 from blip.evaluation import evaluate_retrieval
-from blip.run import start_run
+from blip.run import start_run, train_transform_for
 from blip.tasks import PretrainObjective, build_model
 from data.datasets import PretrainDataset, RetrievalEvalDataset
-from data.transforms import test_transform, train_transform
+from data.transforms import test_transform
 
 
 def main(argv=None):
     args, cfg, device, out = start_run("BLIP pretraining", argv)
-    transform = train_transform(cfg.image_size, scale=(0.2, 1.0))  # pretraining crops down to 20%
+    transform = train_transform_for(cfg, default_scale=(0.2, 1.0))  # pretraining crops down to 20%
     dataset = PretrainDataset(cfg.train_file, transform, max_words=cfg.max_words)
     model = build_model("pretrain", cfg).to(device)
 

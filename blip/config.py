@@ -38,6 +38,8 @@ class Config:
     max_words: int = 30                 # caption words kept by the datasets' pre_caption
     num_workers: int = 4
     shapes: dict | None = None          # data.shapes.generate_shapes_world(**shapes) arguments
+    crop_scale: list[float] | None = None  # RandomResizedCrop scale; None: (0.2, 1) pretraining, (0.5, 1) others
+    hflip: bool = True                  # off where captions name left/right (the shapes world)
     # --- model sizes -----------------------------------------------------------------------------
     vit: str = "base"                   # 'base' | 'large'; the fields below override its sizes
     vision_width: int | None = None
@@ -83,6 +85,15 @@ class Config:
     num_beams: int = 3
     repetition_penalty: float = 1.0     # the NoCaps script uses 1.1
     inference: str = "rank"             # VQA: 'rank' | 'generate'
+    # --- CapFilt (capfilt.py): captioner + filter over web pairs -----------------------------------
+    captioner: str = ""                 # caption checkpoint writing the synthetic captions
+    filter: str = ""                    # ITM checkpoint scoring every text against its image
+    filter_task: str = "retrieval"      # the filter's ITM first token: 'retrieval' [ENC] | 'itm' [CLS]
+    num_captions: int = 1               # synthetic captions per image (nucleus sampling)
+    top_p: float = 0.9
+    filter_threshold: float = 0.5       # keep a text when its ITM match probability >= this
+    shard_size: int = 1000              # pairs per resumable work unit
+    noise_file: str = ""                # optional per-pair booleans (True = wrong caption): filter P/R
 
     @property
     def train_batch_size(self) -> int:
@@ -97,7 +108,7 @@ class Config:
 
 
 _CHOICES = {"vit": ("base", "large"), "precision": ("fp32", "bf16", "fp16"),
-            "inference": ("rank", "generate")}
+            "inference": ("rank", "generate"), "filter_task": ("retrieval", "itm")}
 _yaml = YAML(typ="safe")
 
 

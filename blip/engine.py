@@ -215,6 +215,7 @@ def fit(model, objective, dataset, cfg, out_dir, *, collate_fn=None, evaluate=No
                 with autocast(device, cfg.precision):
                     losses = objective(forward, model, batch, epoch, i, steps_per_epoch)
                 loss = sum(v for k, v in losses.items() if k.startswith("loss"))
+                losses = {k: v.detach() for k, v in losses.items() if k.startswith("loss")}
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite loss at epoch {epoch} batch {i}: "
@@ -233,7 +234,7 @@ def fit(model, objective, dataset, cfg, out_dir, *, collate_fn=None, evaluate=No
                 optimizer.zero_grad(set_to_none=True)
                 progress["step"] += 1
             progress["batch"] = i + 1
-            values = {k: float(v) for k, v in losses.items() if k.startswith("loss")}
+            values = {k: v.item() for k, v in losses.items() if k.startswith("loss")}
             if dist.is_main():
                 bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
             if i % cfg.log_every == 0 or i + 1 == steps_per_epoch:
