@@ -1,0 +1,378 @@
+"""CapFilt, BLIP's dataset bootstrapping: a captioner writes synthetic captions for web images, a filter (ITM)
+scores every web and synthetic text against its image, and the texts it judges matched are kept.
+
+The input (pretraining JSON lists and/or webdataset .tar shards) is cut into shards of `shard_size` pairs;
+shard i is done by rank i % world and written atomically to `out_dir/shards/shard-XXXXX.json` with every
+candidate's score, so a rerun skips finished shards and the threshold is applied only when rank 0 merges
+them. Captions are sampled with a generator seeded per shard: results do not depend on the world size or on
+where a crash happened. Outputs (see `merge`): the cleaned pretraining JSON, a summary, a score histogram.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import distributed as dist
+from .checkpoint import atomic_write
+from .engine import autocast
+from .generation import generate_ids
+from .tokenizer import CLS_ID, ENC_ID, PAD_ID, SEP_ID, decode, pre_caption
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+# ---- input: web image-text pairs ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pair:
+    """One web pair. `image` is a file, or the .tar holding the image bytes at [offset, offset + size)."""
+    image: str
+    caption: str
+    offset: int = -1
+    size: int = 0
+    name: str = ""      # how reports name it: the file path, or 'shard.tar:key'
+
+    @property
+    def in_tar(self) -> bool:
+        return self.offset >= 0
+
+
+def list_pairs(sources) -> list[Pair]:
+    """Every pair of the sources, in order: JSON lists of {image, caption} (paths relative to the JSON file)
+    and webdataset shards (KEY.jpg|png|... + KEY.txt|json; globs allowed)."""
+    pairs = []
+    for src in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+        for path in sorted(glob.glob(str(src))) or [str(src)]:
+            pairs += _tar_pairs(path) if path.endswith(".tar") else _json_pairs(path)
+    return pairs
+
+
+def _json_pairs(path) -> list[Pair]:
+    from data.datasets import load_entries
+    root = os.path.dirname(os.path.abspath(path))
+    out = []
+    for e in load_entries(path, ("image", "caption")):
+        image = os.path.normpath(os.path.join(root, e["image"]))
+        out.append(Pair(image, e["caption"], name=image))
+    return out
+
+
+def _tar_pairs(path) -> list[Pair]:
+    """Pairs of a webdataset tar, reading only the text members (image bytes are located, not read)."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            folder, name = os.path.split(m.name)
+            stem, _, ext = name.partition(".")
+            files = samples.setdefault(os.path.join(folder, stem), {})
+            ext = ext.lower()
+            if ext in ("txt", "json"):
+                files[ext] = tar.extractfile(m).read()
+            elif ext in IMAGE_EXTS:
+                files["image"] = (m.offset_data, m.size, ext)
+    path = os.path.abspath(path)
+    out = []
+    for key, files in samples.items():
+        if "txt" in files:
+            caption = files["txt"].decode("utf-8")
+        elif "json" in files:
+            meta = json.loads(files["json"])
+            caption = meta.get("caption", meta.get("text"))
+        else:
+            caption = None
+        if "image" not in files or caption is None:
+            log.warning("skipping %s:%s: no image or no caption", path, key)
+            continue
+        offset, size, ext = files["image"]
+        out.append(Pair(path, caption, offset, size, f"{path}:{key}.{ext}"))
+    return out
+
+
+def read_bytes(pair: Pair) -> bytes:
+    with open(pair.image, "rb") as f:
+        if pair.in_tar:
+            f.seek(pair.offset)
+            return f.read(pair.size)
+        return f.read()
+
+
+class _TwoSizes:
+    def __init__(self, captioner_tf, filter_tf):
+        self.captioner_tf, self.filter_tf = captioner_tf, filter_tf
+
+    def __call__(self, img):
+        return self.captioner_tf(img), None if self.filter_tf is None else self.filter_tf(img)
+
+
+class _ShardImages(Dataset):
+    """(position, captioner pixels, filter pixels, raw bytes of tar images) or (position, None...) if unreadable."""
+
+    def __init__(self, pairs, captioner_tf, filter_tf, same_size):
+        from data.datasets import SkipsBadImages
+        self.pairs = pairs
+        self.reader = SkipsBadImages()  # its load_image: the loaders' error classes, logging and counting
+        self.reader.transform = _TwoSizes(captioner_tf, None if same_size else filter_tf)
+        self.reader._init_skips()
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        import io
+        pair = self.pairs[i]
+        try:
+            data = read_bytes(pair)
+        except OSError as e:
+            log.warning("skipping unreadable image %s (%s: %s)", pair.name, type(e).__name__, e)
+            return i, None, None, None
+        out = self.reader.load_image(io.BytesIO(data), pair.name)
+        if out is None:
+            return i, None, None, None
+        cap, filt = out
+        return i, cap, cap if filt is None else filt, data if pair.in_tar else None
+
+
+def _collate(batch):
+    good = [b for b in batch if b[1] is not None]
+    bad = [b[0] for b in batch if b[1] is None]
+    if not good:
+        return [], None, None, [], bad
+    idx, cap, filt, raw = zip(*good)
+    return list(idx), torch.stack(cap), torch.stack(filt), list(raw), bad
+
+
+# ---- the two models -------------------------------------------------------------------------------------------
+
+class CapFilt:
+    """A captioner (BlipCaption) and a filter (a BlipITM; `first_token` [ENC] for a retrieval-trained filter,
+    [CLS] for the standalone ITM model) with the sampling settings of the original's nucleus decoding."""
+
+    def __init__(self, captioner, filter_model, *, filter_task="retrieval", num_captions=1, top_p=0.9,
+                 top_k=50, min_length=10, max_length=30, repetition_penalty=1.1, prompt="a picture of ",
+                 max_words=30, precision="fp32"):
+        if filter_task not in ("retrieval", "itm"):
+            raise ValueError(f"filter_task must be 'retrieval' or 'itm', not {filter_task!r}")
+        self.captioner, self.filter = captioner, filter_model
+        self.first_token = ENC_ID if filter_task == "retrieval" else CLS_ID
+        self.num_captions, self.top_p, self.top_k = num_captions, top_p, top_k
+        self.min_length, self.max_length, self.repetition_penalty = min_length, max_length, repetition_penalty
+        self.prompt, self.max_words, self.precision = prompt, max_words, precision
+
+    @property
+    def device(self):
+        return self.filter.device
+
+    @torch.no_grad()
+    def captions(self, pixel_values, generator=None) -> list[list[str]]:
+        """`num_captions` nucleus-sampled captions per image (the prompt cut off, as the captioner's generate)."""
+        m, n = self.captioner, self.num_captions
+        with autocast(self.device, self.precision):
+            image_embeds = m.visual_encoder(pixel_values).repeat_interleave(n, dim=0)
+            ids = generate_ids(m.text_decoder, image_embeds, m.prompt_ids(self.prompt, len(image_embeds)),
+                               max_length=self.max_length, min_length=self.min_length,
+                               repetition_penalty=self.repetition_penalty, sample=True, top_p=self.top_p,
+                               top_k=self.top_k, eos_id=SEP_ID, pad_id=PAD_ID, generator=generator)
+        texts = [decode(seq)[len(self.prompt):] for seq in ids]
+        return [texts[i * n:(i + 1) * n] for i in range(len(pixel_values))]
+
+    @torch.no_grad()
+    def itm_scores(self, pixel_values, texts_per_image) -> list[list[float]]:
+        """ITM match probability of every text of image i against image i (one ViT pass per image)."""
+        m = self.filter
+        rows = [i for i, texts in enumerate(texts_per_image) for _ in texts]
+        texts = [pre_caption(t, self.max_words) for ts in texts_per_image for t in ts]
+        ids, mask = m.tokenize(texts, max_length=m.text_max_length, first_token=self.first_token)
+        with autocast(self.device, self.precision):
+            image_embeds = m.visual_encoder(pixel_values)
+            rows_t = torch.as_tensor(rows, device=image_embeds.device)
+            probs = m.itm_logits(image_embeds[rows_t], ids, mask).float().softmax(-1)[:, 1].tolist()
+        out, k = [], 0
+        for ts in texts_per_image:
+            out.append(probs[k:k + len(ts)])
+            k += len(ts)
+        return out
+
+
+# ---- one shard ---------------------------------------------------------------------------------------------
+
+def process_shard(capfilt: CapFilt, pairs: list[Pair], start: int, seed: int, *, out_dir, batch_size=32,
+                  num_workers=0, progress=False) -> dict:
+    """Caption and score the pairs of one shard (`start` = the global index of its first pair).
+
+    Returns {'pairs': [{index, image, web, web_score, synthetic, synthetic_scores}...], 'unreadable': [...]}.
+    Images read from .tar shards are written under out_dir/images/ (the cleaned JSON lists them by path).
+    """
+    device = capfilt.device
+    size_c, size_f = capfilt.captioner.vision_cfg.image_size, capfilt.filter.vision_cfg.image_size
+    from data.transforms import test_transform
+    data = _ShardImages(pairs, test_transform(size_c), test_transform(size_f), size_c == size_f)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rows, unreadable = {}, []
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(loader, desc=f"shard from {start}", leave=False, dynamic_ncols=True)
+    for idx, pix_c, pix_f, raw, bad in batches:
+        unreadable += [{"index": start + i, "image": pairs[i].name} for i in bad]
+        if not idx:
+            continue
+        synthetic = capfilt.captions(pix_c.to(device, non_blocking=True), generator)
+        web = [pre_caption(pairs[i].caption, capfilt.max_words) for i in idx]
+        scores = capfilt.itm_scores(pix_f.to(device, non_blocking=True), [[w] + s for w, s in zip(web, synthetic)])
+        for i, w, s, sc, data_bytes in zip(idx, web, synthetic, scores, raw):
+            rows[i] = {"index": start + i, "image": _image_path(pairs[i], start + i, data_bytes, out_dir),
+                       "web": w, "web_score": round(sc[0], 6), "synthetic": s,
+                       "synthetic_scores": [round(x, 6) for x in sc[1:]]}
+    return {"pairs": [rows[i] for i in sorted(rows)], "unreadable": unreadable}
+
+
+def _image_path(pair: Pair, index: int, data: bytes | None, out_dir) -> str:
+    """The image as the cleaned JSON (in out_dir) refers to it: relative to out_dir. Tar images are
+    extracted to out_dir/images/<tar name>/<index>.<ext> first."""
+    out_dir = Path(out_dir)
+    if not pair.in_tar:
+        return os.path.relpath(pair.image, out_dir)
+    ext = pair.name.rsplit(".", 1)[-1]
+    target = out_dir / "images" / Path(pair.image).stem / f"{index:09d}.{ext}"
+    if not target.exists():
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
+    return os.path.relpath(target, out_dir)
+
+
+# ---- the run: shards over ranks, resumable, merged by rank 0 --------------------------------------------
+
+def shard_path(out_dir, i) -> Path:
+    return Path(out_dir) / "shards" / f"shard-{i:05d}.json"
+
+
+def fingerprint(settings: dict) -> str:
+    """What a finished shard's content depends on (not the threshold: the merge applies it)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _done(path: Path, fp: str) -> bool:
+    if not path.exists():
+        return False
+    try:
+        ok = json.loads(path.read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        log.warning("%s was made with other settings (or is unreadable): redoing it", path)
+    return ok
+
+
+def run_shards(capfilt: CapFilt, pairs: list[Pair], out_dir, *, shard_size, seed, settings: dict,
+               batch_size=32, num_workers=0, max_shards=None) -> list[int]:
+    """Do this rank's unfinished shards (shard i → rank i % world). `max_shards` stops after that many
+    (tests simulate a crash with it). Returns the shards done in this call."""
+    n_shards = (len(pairs) + shard_size - 1) // shard_size
+    fp = fingerprint(settings)
+    mine = [i for i in range(dist.get_rank(), n_shards, dist.get_world_size()) if not _done(shard_path(out_dir, i), fp)]
+    if max_shards is not None:
+        mine = mine[:max_shards]
+    it = mine
+    if dist.is_main():
+        from tqdm import tqdm
+        it = tqdm(mine, desc=f"capfilt shards (rank 0 of {dist.get_world_size()})", dynamic_ncols=True)
+    for i in it:
+        start = i * shard_size
+        # per-shard seed: same captions whatever the world size or where a previous run stopped
+        result = process_shard(capfilt, pairs[start:start + shard_size], start, seed * 2 ** 32 + i,
+                               out_dir=out_dir, batch_size=batch_size, num_workers=num_workers,
+                               progress=dist.is_main())
+        record = {"shard": i, "fingerprint": fp, "n_pairs": len(pairs[start:start + shard_size]), **result}
+        atomic_write(shard_path(out_dir, i), lambda tmp: Path(tmp).write_text(json.dumps(record)))
+    return mine
+
+
+def merge(out_dir, n_shards: int, threshold: float, noise=None, extra: dict | None = None) -> dict:
+    """Read every shard, keep texts scoring >= threshold, write capfilt.json ([{image, caption, source, score}]),
+    capfilt_summary.json and capfilt_scores.png. `noise`: per input pair, True = wrong web caption (scores the
+    filter with filter_precision_recall). Returns the summary."""
+    out_dir = Path(out_dir)
+    shards = [json.loads(shard_path(out_dir, i).read_text()) for i in range(n_shards)]
+    kept, unreadable = [], []
+    counts = {s: {"candidates": 0, "kept": 0, "dropped": 0} for s in ("web", "synthetic")}
+    scores = {"web": [], "synthetic": []}
+    n_pairs = 0
+    web_kept = {}
+    for shard in shards:
+        n_pairs += shard["n_pairs"]
+        unreadable += shard["unreadable"]
+        for p in shard["pairs"]:
+            texts = [("web", p["web"], p["web_score"])] + [("synthetic", t, s) for t, s in
+                                                             zip(p["synthetic"], p["synthetic_scores"])]
+            for source, text, score in texts:
+                keep = score >= threshold
+                c = counts[source]
+                c["candidates"] += 1
+                c["kept" if keep else "dropped"] += 1
+                scores[source].append(score)
+                if source == "web":
+                    web_kept[p["index"]] = keep
+                if keep:
+                    kept.append({"image": p["image"], "caption": text, "source": source, "score": score})
+    total = {k: counts["web"][k] + counts["synthetic"][k] for k in ("candidates", "kept", "dropped")}
+    summary = {"pairs": n_pairs, "images_scored": n_pairs - len(unreadable), "threshold": threshold,
+               **counts, "total": total,
+               "unreadable": {"count": len(unreadable), "images": unreadable}, **(extra or {})}
+    if noise is not None:
+        if len(noise) != n_pairs:
+            log.warning("noise file lists %d pairs, the input has %d: filter precision/recall skipped",
+                        len(noise), n_pairs)
+        else:
+            summary["filter_vs_noise"] = filter_precision_recall([web_kept.get(i) for i in range(n_pairs)], noise)
+    atomic_write(out_dir / "capfilt.json", lambda tmp: Path(tmp).write_text(json.dumps(kept)))
+    atomic_write(out_dir / "capfilt_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    plot_scores(scores, threshold, out_dir / "capfilt_scores.png")
+    return summary
+
+
+def filter_precision_recall(kept_flags, noise_flags) -> dict:
+    """How well the filter catches wrong web captions. kept_flags[i]: the filter kept pair i's web text (None:
+    not scored, e.g. an unreadable image; left out); noise_flags[i]: that text is wrong. A 'catch' is a drop.
+    precision = wrong among dropped, recall = dropped among wrong (0 when undefined)."""
+    if len(kept_flags) != len(noise_flags):
+        raise ValueError(f"{len(kept_flags)} filter decisions but {len(noise_flags)} noise flags")
+    pairs = [(k, bool(n)) for k, n in zip(kept_flags, noise_flags) if k is not None]
+    tp = sum(1 for k, n in pairs if not k and n)
+    fp = sum(1 for k, n in pairs if not k and not n)
+    fn = sum(1 for k, n in pairs if k and n)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "caught": tp, "false_alarms": fp, "missed": fn,
+            "scored": len(pairs)}
+
+
+def plot_scores(scores: dict, threshold: float, png) -> None:
+    """Histogram of ITM match probabilities by source, the threshold marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = [i / 40 for i in range(41)]
+    for source, values in scores.items():
+        if values:
+            ax.hist(values, bins=bins, alpha=0.6, label=f"{source} ({len(values)})")
+    ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:g}")
+    ax.set_xlabel("ITM match probability")
+    ax.set_ylabel("texts")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)

@@ -1,0 +1,92 @@
+"""CapFilt: bootstrap a pretraining set. A captioner writes synthetic captions for every web image, a filter
+(ITM) scores each web and synthetic text against its image, and texts scoring >= filter_threshold are kept.
+
+    python capfilt.py --config configs/shapes_capfilt.yaml \\
+        --set captioner=output/shapes_caption/model.safetensors filter=output/shapes_retrieval/model.safetensors
+    torchrun --nproc_per_node=8 capfilt.py --config configs/capfilt.yaml --set captioner=... filter=...
+
+Input: `train_file` (pretraining JSON lists and/or webdataset .tar shards, globs allowed). Output in output_dir:
+capfilt.json (pretraining format, each entry also has source 'web'|'synthetic' and score), capfilt_summary.json,
+capfilt_scores.png, and shards/shard-XXXXX.json (finished work units: a rerun skips them and only merges).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from blip import distributed as dist
+from blip import load_model
+from blip.capfilt import CapFilt, fingerprint, list_pairs, merge, run_shards, shard_path
+from blip.run import start_run
+from blip.tasks import model_options
+
+log = logging.getLogger("capfilt")
+
+
+def load_models(cfg, device):
+    """Captioner and filter. Our .safetensors carry their sizes; other checkpoints (the original .pth) take
+    the config's model keys. The filter is built as the ITM model whatever it was trained as (a retrieval or
+    pretraining checkpoint brings momentum encoders and queues that scoring does not need)."""
+    def overrides(path):
+        return {} if str(path).endswith(".safetensors") else model_options(cfg)
+    for key in ("captioner", "filter"):
+        if not getattr(cfg, key):
+            raise SystemExit(f"capfilt: set the {key} checkpoint, e.g. --set {key}=path/to/model.safetensors")
+    captioner = load_model("caption", cfg.captioner, **overrides(cfg.captioner)).to(device)
+    filter_model = load_model("itm", cfg.filter, **overrides(cfg.filter)).to(device)
+    return captioner, filter_model
+
+
+def _file_id(path):
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def settings_of(cfg, pairs) -> dict:
+    """Everything a shard's content depends on (the threshold is applied at the merge, so it is not here)."""
+    keys = ("filter_task", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty", "prompt",
+            "seed", "max_words", "precision", "shard_size", "test_batch_size")
+    return {"captioner": _file_id(cfg.captioner), "filter": _file_id(cfg.filter),
+            "inputs": [_file_id(p) for p in sorted({p.image for p in pairs if p.in_tar})] + cfg.train_file,
+            "n_pairs": len(pairs), "model": model_options(cfg), **{k: getattr(cfg, k) for k in keys}}
+
+
+def main(argv=None, max_shards=None):
+    """max_shards: stop after that many shards on each rank, without merging (tests simulate a crash)."""
+    args, cfg, device, out = start_run("BLIP CapFilt: caption and filter web image-text pairs", argv)
+    captioner, filter_model = load_models(cfg, device)
+    capfilt = CapFilt(captioner, filter_model, filter_task=cfg.filter_task, num_captions=cfg.num_captions,
+                      top_p=cfg.top_p, min_length=cfg.min_length, max_length=cfg.max_length,
+                      repetition_penalty=cfg.repetition_penalty, prompt=cfg.prompt, max_words=cfg.max_words,
+                      precision=cfg.precision)
+    pairs = list_pairs(cfg.train_file)
+    settings = settings_of(cfg, pairs)
+    n_shards = (len(pairs) + cfg.shard_size - 1) // cfg.shard_size
+    log.info("%d pairs in %d shards of %d; %d rank(s)", len(pairs), n_shards, cfg.shard_size, dist.get_world_size())
+    run_shards(capfilt, pairs, out, shard_size=cfg.shard_size, seed=cfg.seed, settings=settings,
+               batch_size=cfg.test_batch_size, num_workers=cfg.num_workers, max_shards=max_shards)
+    dist.barrier()
+    summary = None
+    if dist.is_main():
+        fp = fingerprint(settings)
+        left = [i for i in range(n_shards) if not shard_path(out, i).exists()
+                or json.loads(shard_path(out, i).read_text())["fingerprint"] != fp]
+        if left:
+            log.warning("%d of %d shards not finished; run again to finish and merge", len(left), n_shards)
+        else:
+            noise = json.load(open(cfg.noise_file)) if cfg.noise_file else None
+            extra = {"captioner": cfg.captioner, "filter": cfg.filter, "filter_task": cfg.filter_task,
+                     "num_captions": cfg.num_captions, "inputs": cfg.train_file}
+            summary = merge(out, n_shards, cfg.filter_threshold, noise=noise, extra=extra)
+            brief = {k: summary[k] for k in ("pairs", "web", "synthetic", "total")}
+            brief["unreadable"] = summary["unreadable"]["count"]
+            if "filter_vs_noise" in summary:
+                brief["filter_vs_noise"] = summary["filter_vs_noise"]
+            print(json.dumps(brief, indent=1))
+    dist.cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
