@@ -126,9 +126,9 @@ def _read_file(path: Path):
     return obj, {}
 
 
-def adapt_state_dict(model, sd: dict) -> dict:
+def adapt_state_dict(model, sd: dict, dropped: list | None = None) -> dict:
     """Fit a state dict (our names) to `model`: drop position_ids buffers, resize pos_embed, twin NLVR2
-    cross-attention, tie shared keys, drop keys whose shapes still differ (logged)."""
+    cross-attention, tie shared keys, drop keys whose shapes still differ (logged, and appended to `dropped`)."""
     own = model.state_dict()
     sd = {k: v for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
     for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
@@ -155,26 +155,35 @@ def adapt_state_dict(model, sd: dict) -> dict:
             log.warning("dropping %s: checkpoint shape %s, model shape %s", k, tuple(sd[k].shape),
                         tuple(own[k].shape))
             del sd[k]
+            if dropped is not None:
+                dropped.append(k)
     return sd
 
 
 def load_into(model, src, strict: bool | None = None) -> dict:
     """Load a checkpoint into `model`. strict=True: nothing missing or unexpected; None (default): missing
-    keys allowed only among the task's fresh heads, unexpected keys reported; False: report only.
-    Returns {'missing': [...], 'unexpected': [...], 'meta': {...}}."""
+    keys allowed only among the task's fresh heads and the weights dropped for another shape, unexpected keys
+    reported; False: report only. Returns {'missing': [...], 'unexpected': [...], 'meta': {...}}."""
     sd, meta = read_state_dict(src)
-    sd = adapt_state_dict(model, sd)
+    dropped = []
+    sd = adapt_state_dict(model, sd, dropped)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     name = src if isinstance(src, (str, Path)) else "state dict"
     if strict is not False:
-        bad_missing = missing if strict else [k for k in missing if not any(f in k for f in model.fresh_keys)]
+        # as the original's loader, a weight stored with another shape starts fresh (e.g. the VQA answer
+        # decoder's text-wide cross-attention K/V from a ViT-L pretraining decoder's image-wide ones)
+        bad_missing = missing if strict else [k for k in missing if k not in dropped
+                                              and not any(f in k for f in model.fresh_keys)]
         bad_unexpected = unexpected if strict else []
-        if bad_missing or bad_unexpected or not (set(sd) & set(own)):
+        loaded = set(sd) & set(own)
+        if bad_missing or bad_unexpected or not loaded or len(dropped) > len(loaded):
             raise CheckpointMismatchError(
                 f"{name} does not fit the {model.task!r} model: {len(bad_missing)} missing key(s) "
-                f"{_head(bad_missing)}, {len(unexpected)} unexpected key(s) {_head(unexpected)}")
+                f"{_head(bad_missing)}, {len(unexpected)} unexpected key(s) {_head(unexpected)}"
+                + (f", {len(dropped)} key(s) of another shape {_head(dropped)} (another model size?)"
+                   if dropped else ""))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if missing:
         log.info("%s: %d weights not in the checkpoint (fresh): %s", name, len(missing), _head(missing))
