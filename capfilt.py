@@ -11,6 +11,7 @@ capfilt_scores.png, and shards/shard-XXXXX.json (finished work units: a rerun sk
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ def settings_of(cfg, pairs) -> dict:
     keys = ("filter_task", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty", "prompt",
             "seed", "max_words", "precision", "shard_size", "test_batch_size")
     return {"captioner": _file_id(cfg.captioner), "filter": _file_id(cfg.filter),
-            "inputs": [_file_id(p) for p in sorted({p.image for p in pairs if p.in_tar})] + cfg.train_file,
+            "inputs": [_file_id(f) for src in cfg.train_file for f in sorted(glob.glob(src)) or [src]],
             "n_pairs": len(pairs), "model": model_options(cfg), **{k: getattr(cfg, k) for k in keys}}
 
 

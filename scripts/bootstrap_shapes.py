@@ -1,0 +1,109 @@
+"""BLIP's dataset bootstrapping loop on the offline shapes world, end to end:
+
+  1. pretrain on the noisy web pairs        pretrain.py       configs/shapes_pretrain.yaml   (pretrain.json)
+  2. fine-tune the captioner (LM)           train_caption.py  configs/shapes_caption.yaml    pretrained = 1
+  3. fine-tune the filter (ITC + ITM)       train_retrieval.py configs/shapes_retrieval.yaml pretrained = 1
+  4. CapFilt over the noisy pairs           capfilt.py        configs/shapes_capfilt.yaml    captioner = 2, filter = 3
+  5. pretrain again on the cleaned pairs    pretrain.py       train_file = 4's capfilt.json
+  (6. with --oracle: pretrain on the true captions, pretrain_clean.json: the upper bound)
+
+then compares the pretrained models' zero-shot retrieval recall on the shapes test split (the eval pretrain.py
+runs after each epoch) and writes comparison.json. Steps whose outputs exist are skipped (rerun to resume;
+capfilt.py itself resumes shard by shard).
+
+    python scripts/bootstrap_shapes.py                                  # output/bootstrap_shapes/
+    python scripts/bootstrap_shapes.py --nproc 2 --device cpu           # every step under torchrun
+    python scripts/bootstrap_shapes.py --set max_epoch=1 --oracle       # overrides for every training step
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_step(name, script, config, out, sets, a):
+    """Run one entry script unless its output is there; returns the output folder."""
+    out = Path(out)
+    done = out / ("capfilt.json" if script == "capfilt.py" else "model.safetensors")
+    if done.exists():
+        print(f"[bootstrap] {name}: done already ({done})", flush=True)
+        return out
+    launcher = [sys.executable] if a.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                       f"--nproc_per_node={a.nproc}"]
+    cmd = [*launcher, str(ROOT / script), "--config", str(ROOT / "configs" / config), "--output-dir", str(out)]
+    if a.device:
+        cmd += ["--device", a.device]
+    sets = list(sets) + (list(a.sets) if script != "capfilt.py" else list(a.capfilt_sets))
+    if sets:
+        cmd += ["--set", *sets]
+    print(f"[bootstrap] {name}: {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return out
+
+
+def weights(out: Path) -> str:
+    """The fine-tuned weights to use: the best epoch's when the script kept one."""
+    best = out / "model_best.safetensors"
+    return str(best if best.exists() else out / "model.safetensors")
+
+
+def last_eval(out: Path) -> dict:
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")] if (out / "metrics.jsonl").exists() else []
+    rows = [r for r in rows if r.get("event") == "eval"]
+    return {k: v for k, v in rows[-1].items() if k not in ("time", "event")} if rows else {}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="output/bootstrap_shapes")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per step (torchrun)")
+    p.add_argument("--set", dest="sets", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for the training steps (e.g. max_epoch=1)")
+    p.add_argument("--capfilt-set", dest="capfilt_sets", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for capfilt.py (e.g. num_captions=2 filter_threshold=0.3)")
+    p.add_argument("--oracle", action="store_true", help="also pretrain on the true captions")
+    a = p.parse_args(argv)
+    for script in ("pretrain.py", "train_caption.py", "train_retrieval.py", "capfilt.py"):
+        if not (ROOT / script).exists():
+            raise SystemExit(f"{script} is missing: the loop needs it")
+    out = Path(a.out).resolve()
+
+    noisy = run_step("1/5 pretrain on noisy pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_noisy", [], a)
+    init = f"pretrained={noisy / 'model.safetensors'}"
+    cap = run_step("2/5 fine-tune captioner", "train_caption.py", "shapes_caption.yaml", out / "captioner", [init], a)
+    filt = run_step("3/5 fine-tune filter", "train_retrieval.py", "shapes_retrieval.yaml", out / "filter", [init], a)
+    cf = run_step("4/5 capfilt", "capfilt.py", "shapes_capfilt.yaml", out / "capfilt",
+                  [f"captioner={weights(cap)}", f"filter={weights(filt)}"], a)
+    clean = run_step("5/5 pretrain on cleaned pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_capfilt",
+                     [f"train_file=[{cf / 'capfilt.json'}]"], a)
+    runs = {"noisy (pretrain.json)": noisy, "capfilt (capfilt.json)": clean}
+    if a.oracle:
+        from blip.config import load_config
+        shapes_dir = load_config(ROOT / "configs" / "shapes_pretrain.yaml").shapes["out_dir"]
+        runs["oracle (pretrain_clean.json)"] = run_step(
+            "oracle pretrain on true captions", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_oracle",
+            [f"train_file=[{ROOT / shapes_dir / 'pretrain_clean.json'}]"], a)
+
+    summary = json.load(open(cf / "capfilt_summary.json"))
+    result = {"capfilt": {k: summary.get(k) for k in ("pairs", "web", "synthetic", "total", "filter_vs_noise")},
+              "captioner_eval": last_eval(cap), "filter_eval": last_eval(filt),
+              "pretrain_eval": {name: last_eval(d) for name, d in runs.items()}}
+    (out / "comparison.json").write_text(json.dumps(result, indent=1))
+    keys = ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean")
+    print("\n| pretraining data | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for name, m in result["pretrain_eval"].items():
+        print(f"| {name} | " + " | ".join(f"{m[k]:.2f}" if k in m else "-" for k in keys) + " |")
+    print(f"\ncapfilt: {json.dumps(result['capfilt'])}\nwritten: {out / 'comparison.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
