@@ -25,6 +25,9 @@ def load_model(task: str, checkpoint=None, strict: bool | None = None, **overrid
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
     if checkpoint is not None and not isinstance(checkpoint, dict):
+        from pathlib import Path
+        if not Path(checkpoint).exists():  # before building a model that may take seconds
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         _, meta = read_state_dict(checkpoint) if _is_ours(checkpoint) else (None, {})
         if "model_config" in meta:
             overrides = {**meta["model_config"], **overrides}

@@ -22,6 +22,14 @@ MED = dict(hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=2, inter
            max_position_embeddings=MAXPOS, vocab_size=VOCAB)
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest
+    yield
+    torch.set_num_threads(n)
+
+
 def overrides(task, image_size=IMAGE):
     med = dict(MED, num_hidden_layers=NLVR_LAYERS) if task == "nlvr" else MED
     return dict(image_size=image_size, patch_size=PATCH, vision_width=VW, vision_depth=VDEPTH, vision_heads=2,
