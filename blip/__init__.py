@@ -85,7 +85,9 @@ def to_transformers(model, out_dir=None):
     """Our weights in transformers' BLIP layout: a state dict, or (out_dir given) a directory with config.json +
     model.safetensors that transformers' `from_pretrained` reads."""
     from .checkpoint import to_transformers_keys
-    sd = to_transformers_keys({k: v for k, v in model.state_dict().items() if "_m." not in k})
+    # transformers' BLIP has no momentum encoders, feature queues or temperature
+    extra = ("temp", "image_queue", "text_queue", "ptr_queue", "queue_ptr", "idx_queue")
+    sd = to_transformers_keys({k: v for k, v in model.state_dict().items() if "_m." not in k and k not in extra})
     if out_dir is None:
         return sd
     import json

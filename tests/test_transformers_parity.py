@@ -294,6 +294,27 @@ def test_round_trip_through_transformers_layout(tmp_path, cls, task, widths):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_retrieval_model_exports_what_transformers_has(tmp_path):
+    """A retrieval model's momentum encoders, queues and temperature have no place in transformers' BLIP."""
+    torch.manual_seed(7)
+    med = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=64)
+    ours = blip.load_model("retrieval", image_size=IMAGE, vision_width=48, vision_depth=2, vision_heads=2,
+                           embed_dim=24, queue_size=8, med_config=med)
+    blip.to_transformers(ours, tmp_path / "hf")
+    back, info = BlipForImageTextRetrieval.from_pretrained(tmp_path / "hf", output_loading_info=True,
+                                                           attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    x = images(7)
+    ids, mask = tokenize(TEXTS, max_length=35, first_token=ENC_ID)  # the retrieval model's ITM reads [ENC] first
+    with torch.no_grad():
+        close(back.eval()(input_ids=ids, pixel_values=x, attention_mask=mask).itm_score.softmax(-1)[:, 1],
+              ours.itm_score(x, TEXTS))
+    itm = blip.load_model("itm", tmp_path / "hf")
+    for k, v in itm.state_dict().items():
+        assert torch.equal(v, ours.state_dict()[k]), k
+
+
 def test_transformers_save_pretrained_directory_loads(tmp_path):
     """A directory written by transformers itself (its config.json omits default values) loads as it is."""
     hf, ours = make(BlipForConditionalGeneration, seed=6, eos_bias=6.0)
