@@ -6,6 +6,8 @@ BlipPretrain: + the LM decoder tied to the text encoder; ITC + ITM + LM.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -146,7 +148,9 @@ class _Contrastive(MomentumMixin, BlipITM):
                                               self.text_queue, self.temp, alpha, pos_fn())
         if update_queue:
             self.enqueue(image_feat_m, text_feat_m, idx)
-        return image_embeds, image_feat, ids, mask, text_feat, loss_ita, sim_i2t, sim_t2i
+        return SimpleNamespace(image_embeds=image_embeds, image_feat=image_feat, ids=ids, mask=mask,
+                               text_feat=text_feat, image_feat_m=image_feat_m, text_feat_m=text_feat_m,
+                               loss_ita=loss_ita, sim_i2t=sim_i2t, sim_t2i=sim_t2i)
 
     def _itm(self, image_embeds, ids, mask, weights_fn, hard_negatives, all_rank, generator=None):
         """ITM loss; negatives drawn by `weights_fn()` -> (w_t2i, w_i2t) unless `hard_negatives` given."""
@@ -181,8 +185,8 @@ class BlipRetrieval(_Contrastive):
         """
         idx = torch.as_tensor(idx, device=self.device).view(-1, 1)
         pos_fn = lambda: torch.eq(idx, torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)).float()
-        image_embeds, image_feat, ids, mask, text_feat, loss_ita, _, _ = self._itc(
-            pixel_values, texts, pos_fn, alpha, update_queue, idx.view(-1))
+        itc = self._itc(pixel_values, texts, pos_fn, alpha, update_queue, idx.view(-1))
+        image_feat, text_feat = itc.image_feat, itc.text_feat
         all_rank = self.cfg.negative_all_rank and dist.get_world_size() > 1
 
         def weights():  # recomputed from the online features; every caption of the same image is masked
@@ -198,8 +202,8 @@ class BlipRetrieval(_Contrastive):
                 w_t2i = F.softmax(text_feat @ image_feat.t() / self.temp, 1).masked_fill(same, 0)
                 return w_t2i, w_i2t
 
-        loss_itm, negs = self._itm(image_embeds, ids, mask, weights, hard_negatives, all_rank, generator)
-        out = {"loss_ita": loss_ita, "loss_itm": loss_itm}
+        loss_itm, negs = self._itm(itc.image_embeds, itc.ids, itc.mask, weights, hard_negatives, all_rank, generator)
+        out = {"loss_ita": itc.loss_ita, "loss_itm": loss_itm}
         if return_negatives:
             out["negatives"] = negs
         return out
@@ -221,26 +225,32 @@ class BlipPretrain(_Contrastive):
         """loss_ita + loss_itm + loss_lm, as the original pretraining forward (momentum_update() first)."""
         b = pixel_values.shape[0]
         pos_fn = lambda: torch.eye(b, b + self.image_queue.shape[1], device=self.device)
-        image_embeds, _, ids, mask, _, loss_ita, sim_i2t, sim_t2i = self._itc(
-            pixel_values, texts, pos_fn, alpha, update_queue)
-
-        def weights():  # from the ITC logits already computed, local columns, +1e-4, positives zeroed
-            with torch.no_grad():
-                w_t2i = F.softmax(sim_t2i[:, :b].float(), dim=1) + 1e-4
-                w_i2t = F.softmax(sim_i2t[:, :b].float(), dim=1) + 1e-4
-                return w_t2i.fill_diagonal_(0), w_i2t.fill_diagonal_(0)
-
+        itc = self._itc(pixel_values, texts, pos_fn, alpha, update_queue)
         all_rank = self.cfg.negative_all_rank and dist.get_world_size() > 1
-        if all_rank:
-            raise NotImplementedError("negative_all_rank for pretraining is not implemented; "
-                                      "the original draws pretraining negatives from the local batch")
-        loss_itm, negs = self._itm(image_embeds, ids, mask, weights, hard_negatives, False, generator)
 
-        dec_ids = ids.clone()
+        def weights():  # softmax of the ITC logits (online × momentum), +1e-4, each pair's own positive zeroed
+            with torch.no_grad():
+                if not all_rank:  # the original: the local batch's columns of the logits already computed
+                    w_t2i = F.softmax(itc.sim_t2i[:, :b].float(), dim=1) + 1e-4
+                    w_i2t = F.softmax(itc.sim_i2t[:, :b].float(), dim=1) + 1e-4
+                    return w_t2i.fill_diagonal_(0), w_i2t.fill_diagonal_(0)
+                # option: the same logits over the whole global batch
+                image_m, text_m = dist.all_gather_no_grad(itc.image_feat_m), dist.all_gather_no_grad(itc.text_feat_m)
+                w_t2i = F.softmax((itc.text_feat @ image_m.t() / self.temp).float(), dim=1) + 1e-4
+                w_i2t = F.softmax((itc.image_feat @ text_m.t() / self.temp).float(), dim=1) + 1e-4
+                own = torch.arange(b, device=self.device) + dist.get_rank() * b
+                rows = torch.arange(b, device=self.device)
+                w_t2i[rows, own] = 0
+                w_i2t[rows, own] = 0
+                return w_t2i, w_i2t
+
+        loss_itm, negs = self._itm(itc.image_embeds, itc.ids, itc.mask, weights, hard_negatives, all_rank, generator)
+
+        dec_ids = itc.ids.clone()
         dec_ids[:, 0] = DEC_ID
         targets = dec_ids.masked_fill(dec_ids == PAD_ID, -100)
-        logits = self.text_decoder(dec_ids, mask, image_embeds)
-        out = {"loss_ita": loss_ita, "loss_itm": loss_itm, "loss_lm": lm_loss(logits, targets)}
+        logits = self.text_decoder(dec_ids, itc.mask, itc.image_embeds)
+        out = {"loss_ita": itc.loss_ita, "loss_itm": loss_itm, "loss_lm": lm_loss(logits, targets)}
         if return_negatives:
             out["negatives"] = negs
         return out
