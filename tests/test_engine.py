@@ -1,4 +1,5 @@
 """The training engine: exact resume, DDP = one process with the global batch, NaN guard, schedules."""
+import json
 import math
 import os
 import subprocess
@@ -75,6 +76,15 @@ def test_two_rank_gloo_run_equals_one_process_with_the_global_batch(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-4 if k.endswith("key.bias") else 2e-6), k
     init = blip.load_model("nlvr", **model_options(tiny_config(task="nlvr"))).state_dict()
     assert any(not torch.allclose(a[k], init[k]) for k in a if a[k].is_floating_point())  # it did train
+
+
+def test_all_rank_hard_negatives_run_on_two_gloo_ranks(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "tests" / "_ddp_worker.py"), str(tmp_path), "0"], check=True, env=env, timeout=300)
+    for task in ("pretrain", "retrieval"):
+        rows = [json.loads(l) for l in (tmp_path / task / "metrics.jsonl").read_text().splitlines()]
+        assert rows and all(math.isfinite(r["loss_itm"]) for r in rows if r["event"] == "train")
 
 
 def test_sampler_splits_global_batches_across_ranks_and_resumes():
