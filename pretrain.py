@@ -14,14 +14,17 @@ from blip.engine import fit
 from blip.evaluation import evaluate_retrieval
 from blip.run import start_run, train_transform_for
 from blip.tasks import PretrainObjective, build_model
-from data.datasets import PretrainDataset, RetrievalEvalDataset
+from data.datasets import PretrainDataset, RetrievalEvalDataset, WebDatasetShards
 from data.transforms import test_transform
 
 
 def main(argv=None):
     args, cfg, device, out = start_run("BLIP pretraining", argv)
     transform = train_transform_for(cfg, default_scale=(0.2, 1.0))  # pretraining crops down to 20%
-    dataset = PretrainDataset(cfg.train_file, transform, max_words=cfg.max_words)
+    if any(str(f).endswith(".tar") for f in cfg.train_file):  # webdataset shards (globs allowed)
+        dataset = WebDatasetShards(cfg.train_file, transform, max_words=cfg.max_words, shuffle=True, seed=cfg.seed)
+    else:
+        dataset = PretrainDataset(cfg.train_file, transform, max_words=cfg.max_words)
     model = build_model("pretrain", cfg).to(device)
 
     evaluate = None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from . import distributed as dist
 from .checkpoint import atomic_write, save_weights
@@ -182,9 +182,14 @@ def fit(model, objective, dataset, cfg, out_dir, *, collate_fn=None, evaluate=No
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     accum = max(1, cfg.grad_accum_steps)
 
-    seeded = SeededDataset(dataset, cfg.seed)
-    sampler = ResumableSampler(len(dataset), cfg.train_batch_size, world, rank, shuffle=True, seed=cfg.seed)
-    steps_per_epoch = sampler.num_batches
+    iterable = isinstance(dataset, IterableDataset)  # webdataset shards: each rank reads its own shards
+    if iterable:
+        seeded, sampler = dataset, None
+        steps_per_epoch = len(dataset) // (cfg.train_batch_size * world)
+    else:
+        seeded = SeededDataset(dataset, cfg.seed)
+        sampler = ResumableSampler(len(dataset), cfg.train_batch_size, world, rank, shuffle=True, seed=cfg.seed)
+        steps_per_epoch = sampler.num_batches
     progress = {"epoch": 0, "batch": 0, "step": 0}
     ckpt_path = out_dir / "checkpoint_latest.pt"
     if resume:
@@ -195,15 +200,20 @@ def fit(model, objective, dataset, cfg, out_dir, *, collate_fn=None, evaluate=No
     metrics = {}
     for epoch in range(progress["epoch"], cfg.max_epoch):
         model.train()
-        seeded.epoch = epoch
-        sampler.set_epoch(epoch, progress["batch"])
+        if iterable:
+            dataset.set_epoch(epoch)
+        else:
+            seeded.epoch = epoch
+            sampler.set_epoch(epoch, progress["batch"])
         loader = DataLoader(seeded, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=cfg.num_workers,
                             collate_fn=collate_fn, drop_last=True, pin_memory=device.type == "cuda")
         bar = range(progress["batch"], steps_per_epoch)
         if dist.is_main():
             from tqdm import tqdm
             bar = tqdm(bar, desc=f"epoch {epoch}", dynamic_ncols=True)
-        batches = iter(loader)
+        batches = _cycle(loader) if iterable else iter(loader)
+        for _ in range(progress["batch"] if iterable else 0):  # shards resume by reading past the done batches
+            next(batches)
         for i in bar:
             batch = _to_device(next(batches), device)
             lr = lr_at(cfg, epoch, i)
@@ -255,6 +265,17 @@ def fit(model, objective, dataset, cfg, out_dir, *, collate_fn=None, evaluate=No
         if bad:
             metrics_log.write(event="data", epoch=epoch, bad_images=len(bad))
     return metrics
+
+
+def _cycle(loader):
+    """Every rank must take the same number of steps; a rank whose shards run short starts them again."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the training shards yield no complete batch on this rank")
 
 
 def _to_device(batch, device):

@@ -162,6 +162,16 @@ class WebDatasetShards(SkipsBadImages, IterableDataset):
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
+    def __len__(self):
+        """Samples in all shards (tar headers only; counted once): sizes an epoch for the trainer."""
+        if not hasattr(self, "_len"):
+            keys = set()
+            for shard in self.shards:
+                with tarfile.open(shard) as tar:
+                    keys.update((shard, m.name.split(".", 1)[0]) for m in tar if m.isfile())
+            self._len = len(keys)
+        return self._len
+
     def _reader(self):
         dist = torch.distributed
         on = dist.is_available() and dist.is_initialized()

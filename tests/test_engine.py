@@ -108,3 +108,20 @@ def test_learning_rate_schedules_are_the_originals():
     ft = tiny_config(task="caption", init_lr=1e-5, min_lr=0.0, max_epoch=5)
     assert lr_at(ft, 0, 0) == pytest.approx(1e-5)
     assert lr_at(ft, 2, 7) == pytest.approx(1e-5 * 0.5 * (1 + math.cos(math.pi * 2 / 5)))
+
+
+def test_webdataset_shards_train_and_resume(tmp_path):
+    """Pretraining reads tar shards: an epoch is sized from the shards and a resume continues from there."""
+    from data.datasets import WebDatasetShards
+    from data.shapes import generate_shapes_world
+    from data.transforms import test_transform
+    files = generate_shapes_world(tmp_path / "w", n_train=24, n_val=2, n_test=2, image_size=32, n_shards=2)
+    data = WebDatasetShards(files["pretrain_shards"], test_transform(32), shuffle=True)
+    assert len(data) == 24
+    cfg, model = _pretrain(tmp_path, save_every_steps=1)
+    fit(model, PretrainObjective(0.4), data, cfg, tmp_path / "run", max_steps=4)  # 6 steps per epoch
+    fit(model, PretrainObjective(0.4), data, cfg, tmp_path / "run", resume="latest")
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["event"] == "train"]
+    assert max(steps) == 12 and torch.load(tmp_path / "run" / "checkpoint_latest.pt",
+                                          weights_only=True)["progress"] == {"epoch": 2, "batch": 0, "step": 12}
