@@ -26,18 +26,43 @@ class CheckpointMismatchError(RuntimeError):
     pass
 
 
-# transformers' BLIP vision names -> ours (timm's = the original's)
+# transformers' BLIP vision names <-> ours (timm's = the original's). `N` stands for a block index; a name
+# without a trailing dot is a whole key.
 _HF_VISION = [
-    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
-    (r"^vision_model\.embeddings\.position_embedding(\.weight)?$", "visual_encoder.pos_embed"),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"visual_encoder.blocks.\1.attn.qkv."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
-    (r"^vision_model\.post_layernorm\.", "visual_encoder.norm."),
+    ("vision_model.embeddings.class_embedding", "visual_encoder.cls_token"),
+    ("vision_model.embeddings.patch_embedding.", "visual_encoder.patch_embed.proj."),
+    ("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed"),
+    ("vision_model.encoder.layers.N.self_attn.qkv.", "visual_encoder.blocks.N.attn.qkv."),
+    ("vision_model.encoder.layers.N.self_attn.projection.", "visual_encoder.blocks.N.attn.proj."),
+    ("vision_model.encoder.layers.N.layer_norm1.", "visual_encoder.blocks.N.norm1."),
+    ("vision_model.encoder.layers.N.layer_norm2.", "visual_encoder.blocks.N.norm2."),
+    ("vision_model.encoder.layers.N.mlp.", "visual_encoder.blocks.N.mlp."),
+    ("vision_model.post_layernorm.", "visual_encoder.norm."),
 ]
+
+
+def _rules(pairs):
+    """(source, target) name pairs -> compiled (pattern, replacement) rules."""
+    rules = []
+    for src, dst in pairs:
+        pat = "^" + re.escape(src).replace("N", r"(\d+)") + ("" if src.endswith(".") else "$")
+        rules.append((re.compile(pat), dst.replace("N", r"\1")))
+    return rules
+
+
+_FROM_HF = _rules(_HF_VISION)
+_TO_HF = _rules([(ours, hf) for hf, ours in _HF_VISION])
+
+
+def _rename(sd: dict, rules) -> dict:
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in rules:
+            if pat.search(k):
+                k = pat.sub(rep, k)
+                break
+        out[k] = v
+    return out
 
 
 def is_transformers_layout(sd: dict) -> bool:
@@ -45,37 +70,13 @@ def is_transformers_layout(sd: dict) -> bool:
 
 
 def from_transformers_keys(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in _HF_VISION:
-            if re.search(pat, k):
-                k = re.sub(pat, rep, k)
-                break
-        out[k] = v
-    return out
+    """transformers' BLIP names -> ours (the text stacks already share BERT's names)."""
+    return _rename(sd, _FROM_HF)
 
 
 def to_transformers_keys(sd: dict) -> dict:
     """Our (original) names -> transformers' BLIP names."""
-    inverse = [
-        (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-        (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-        (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-        (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-        (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-        (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
-        (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
-        (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-        (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
-    ]
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in inverse:
-            if re.search(pat, k):
-                k = re.sub(pat, rep, k)
-                break
-        out[k] = v
-    return out
+    return _rename(sd, _TO_HF)
 
 
 def read_state_dict(src) -> tuple[dict, dict]:
