@@ -218,6 +218,21 @@ class Layer(nn.Module):
         return self.output(self.intermediate(x), x), kv
 
 
+def init_bert_weights(module):
+    """BERT's initialisation (initializer_range 0.02), which the original's text stacks get before any
+    checkpoint is loaded: what a model trained from scratch starts from."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class Embeddings(nn.Module):
     """Word + absolute position embeddings (no token types), LayerNorm, dropout."""
 
@@ -248,6 +263,7 @@ class TextModel(nn.Module):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)
+        self.apply(init_bert_weights)
 
     def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 causal: bool = False, cross_kv=None, past=None, use_cache: bool = False):
@@ -317,6 +333,7 @@ class TextDecoder(nn.Module):
         super().__init__()
         self.bert = TextModel(cfg)
         self.cls = LMHead(cfg)
+        self.cls.predictions.transform.apply(init_bert_weights)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
