@@ -53,6 +53,21 @@ def weights(out: Path) -> str:
     return str(best if best.exists() else out / "model.safetensors")
 
 
+def full_checkpoint(path: Path) -> Path:
+    """The pretraining weights with every tied tensor under each of its names, as an original-style .pth.
+
+    Our safetensors store a tensor shared by the tied text encoder and decoder once (under text_encoder.*);
+    loading that file into the caption model (decoder only) then misses the decoder's shared weights. The
+    .pth keeps both names, as the original model_base.pth does."""
+    import torch
+
+    import blip
+    out = path.with_name(path.stem + "_full.pth")
+    if not out.exists():
+        torch.save({"model": blip.load_model("pretrain", path).state_dict()}, out)
+    return out
+
+
 def last_eval(out: Path) -> dict:
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")] if (out / "metrics.jsonl").exists() else []
     rows = [r for r in rows if r.get("event") == "eval"]
@@ -76,7 +91,7 @@ def main(argv=None):
     out = Path(a.out).resolve()
 
     noisy = run_step("1/5 pretrain on noisy pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_noisy", [], a)
-    init = f"pretrained={noisy / 'model.safetensors'}"
+    init = f"pretrained={full_checkpoint(noisy / 'model.safetensors')}"
     cap = run_step("2/5 fine-tune captioner", "train_caption.py", "shapes_caption.yaml", out / "captioner", [init], a)
     filt = run_step("3/5 fine-tune filter", "train_retrieval.py", "shapes_retrieval.yaml", out / "filter", [init], a)
     cf = run_step("4/5 capfilt", "capfilt.py", "shapes_capfilt.yaml", out / "capfilt",
