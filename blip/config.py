@@ -40,6 +40,7 @@ class Config:
     shapes: dict | None = None          # data.shapes.generate_shapes_world(**shapes) arguments
     crop_scale: list[float] | None = None  # RandomResizedCrop scale; None: (0.2, 1) pretraining, (0.5, 1) others
     hflip: bool = True                  # off where captions name left/right (the shapes world)
+    randaugment: bool = True            # RandAugment(2, 5) in training transforms; off for tiny from-scratch runs
     # --- model sizes -----------------------------------------------------------------------------
     vit: str = "base"                   # 'base' | 'large'; the fields below override its sizes
     vision_width: int | None = None
@@ -84,6 +85,7 @@ class Config:
     min_length: int = 5
     num_beams: int = 3
     repetition_penalty: float = 1.0     # the NoCaps script uses 1.1
+    meteor: bool = True                 # caption evaluation scores METEOR (a Java process, ~10 s a call)
     inference: str = "rank"             # VQA: 'rank' | 'generate'
     # --- CapFilt (capfilt.py): captioner + filter over web pairs -----------------------------------
     captioner: str = ""                 # caption checkpoint writing the synthetic captions

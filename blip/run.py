@@ -38,9 +38,10 @@ def start_run(description: str, argv=None):
 
 
 def train_transform_for(cfg, default_scale=(0.5, 1.0)):
-    """The original training transform with the config's crop scale and flip."""
+    """The original training transform with the config's crop scale, flip and RandAugment switch."""
     from data.transforms import train_transform
-    return train_transform(cfg.image_size, scale=tuple(cfg.crop_scale or default_scale), hflip=cfg.hflip)
+    return train_transform(cfg.image_size, scale=tuple(cfg.crop_scale or default_scale), hflip=cfg.hflip,
+                           randaugment=cfg.randaugment)
 
 
 def ensure_shapes_world(spec: dict) -> dict:

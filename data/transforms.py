@@ -144,16 +144,17 @@ def normalize():
     return transforms.Normalize(MEAN, STD)
 
 
-def train_transform(image_size: int, scale=(0.5, 1.0), hflip: bool = True):
+def train_transform(image_size: int, scale=(0.5, 1.0), hflip: bool = True, randaugment: bool = True):
     """The original's training pipeline. Pretraining uses scale=(0.2, 1.0).
 
     `hflip=False` is for data whose text names left and right inside the image (the shapes world):
-    a flip would make those captions false.
+    a flip would make those captions false. `randaugment=False` drops RandAugment (tiny images, where its
+    fixed ±5 px translations and colour ops change what the text says).
     """
     return transforms.Compose([
         transforms.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC),
         *([transforms.RandomHorizontalFlip()] if hflip else []),
-        RandomAugment(2, 5, is_pil=True, augs=BLIP_OPS),
+        *([RandomAugment(2, 5, is_pil=True, augs=BLIP_OPS)] if randaugment else []),
         transforms.ToTensor(),
         normalize(),
     ])
