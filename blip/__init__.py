@@ -8,7 +8,7 @@ Public API:
 """
 from __future__ import annotations
 
-from .checkpoint import CheckpointMismatchError, load_into, read_state_dict, save_weights
+from .checkpoint import CheckpointMismatchError, load_into, read_metadata, save_weights
 from .models import TASKS, ModelConfig
 
 __all__ = ["load_model", "from_transformers", "to_transformers", "image_transform", "load_images",
@@ -28,7 +28,7 @@ def load_model(task: str, checkpoint=None, strict: bool | None = None, **overrid
         from pathlib import Path
         if not Path(checkpoint).exists():  # before building a model that may take seconds
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        _, meta = read_state_dict(checkpoint) if _is_ours(checkpoint) else (None, {})
+        meta = read_metadata(checkpoint)
         if "model_config" in meta:
             overrides = {**meta["model_config"], **overrides}
         elif "transformers_config" in meta:
@@ -39,12 +39,6 @@ def load_model(task: str, checkpoint=None, strict: bool | None = None, **overrid
     elif hasattr(model, "copy_params"):
         model.copy_params()
     return model.eval()
-
-
-def _is_ours(path) -> bool:
-    """Checkpoints that carry a model config: our safetensors, a transformers directory (config.json)."""
-    from pathlib import Path
-    return str(path).endswith(".safetensors") or Path(path).is_dir()
 
 
 def config_from_transformers(cfg) -> dict:

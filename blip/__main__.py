@@ -98,12 +98,13 @@ def read_answer_list(path) -> list[str]:
 def load(task: str, args):
     import torch
 
-    from . import _is_ours, load_model
+    from . import load_model
+    from .checkpoint import read_metadata
     options = parse_sets(args.set)
     if args.checkpoint is None:
         print(f"warning: no --checkpoint given: the {task} model has RANDOM weights, its outputs mean nothing",
               file=sys.stderr)
-    stored = args.checkpoint is not None and _is_ours(args.checkpoint)
+    stored = args.checkpoint is not None and bool(read_metadata(args.checkpoint))  # carries its sizes
     if "image_size" not in options and not stored:
         options["image_size"] = DEFAULT_IMAGE_SIZE[task]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

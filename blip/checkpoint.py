@@ -109,6 +109,20 @@ def read_state_dict(src) -> tuple[dict, dict]:
     return sd, meta
 
 
+def read_metadata(path) -> dict:
+    """The model description a checkpoint carries (our safetensors metadata, a transformers config.json),
+    without reading its tensors."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return {"transformers_config": json.loads((path / "config.json").read_text())}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        return json.loads(meta["blip"]) if "blip" in meta else {}
+    return {}
+
+
 def _read_file(path: Path):
     if path.suffix == ".safetensors":
         from safetensors import safe_open
