@@ -309,7 +309,7 @@ def merge(out_dir, n_shards: int, threshold: float, noise=None, extra: dict | No
     counts = {s: {"candidates": 0, "kept": 0, "dropped": 0} for s in ("web", "synthetic")}
     scores = {"web": [], "synthetic": []}
     n_pairs = 0
-    web_kept = {}
+    web_kept, web_score = {}, {}
     for shard in shards:
         n_pairs += shard["n_pairs"]
         unreadable += shard["unreadable"]
@@ -323,7 +323,7 @@ def merge(out_dir, n_shards: int, threshold: float, noise=None, extra: dict | No
                 c["kept" if keep else "dropped"] += 1
                 scores[source].append(score)
                 if source == "web":
-                    web_kept[p["index"]] = keep
+                    web_kept[p["index"]], web_score[p["index"]] = keep, score
                 if keep:
                     kept.append({"image": p["image"], "caption": text, "source": source, "score": score})
     total = {k: counts["web"][k] + counts["synthetic"][k] for k in ("candidates", "kept", "dropped")}
@@ -336,6 +336,9 @@ def merge(out_dir, n_shards: int, threshold: float, noise=None, extra: dict | No
                         len(noise), n_pairs)
         else:
             summary["filter_vs_noise"] = filter_precision_recall([web_kept.get(i) for i in range(n_pairs)], noise)
+            summary["filter_vs_noise"]["auc"] = separation_auc(
+                [web_score[i] for i in range(n_pairs) if i in web_score and not noise[i]],
+                [web_score[i] for i in range(n_pairs) if i in web_score and noise[i]])
     atomic_write(out_dir / "capfilt.json", lambda tmp: Path(tmp).write_text(json.dumps(kept)))
     atomic_write(out_dir / "capfilt_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     plot_scores(scores, threshold, out_dir / "capfilt_scores.png")
@@ -357,6 +360,23 @@ def filter_precision_recall(kept_flags, noise_flags) -> dict:
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "caught": tp, "false_alarms": fp, "missed": fn,
             "scored": len(pairs)}
+
+
+def separation_auc(right_scores, wrong_scores) -> float | None:
+    """Threshold-free check of the filter: the probability that a right text outscores a wrong one (ties
+    count half); 0.5 = no better than chance. None when either list is empty."""
+    if not right_scores or not wrong_scores:
+        return None
+    ranked = sorted([(s, 1) for s in right_scores] + [(s, 0) for s in wrong_scores])
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):  # average ranks (1-based) over ties
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        rank_sum += sum(r for _, r in ranked[i:j]) * (i + 1 + j) / 2
+        i = j
+    n_r, n_w = len(right_scores), len(wrong_scores)
+    return (rank_sum - n_r * (n_r + 1) / 2) / (n_r * n_w)
 
 
 def plot_scores(scores: dict, threshold: float, png) -> None:

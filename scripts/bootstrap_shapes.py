@@ -96,6 +96,11 @@ def main(argv=None):
     filt = run_step("3/5 fine-tune filter", "train_retrieval.py", "shapes_retrieval.yaml", out / "filter", [init], a)
     cf = run_step("4/5 capfilt", "capfilt.py", "shapes_capfilt.yaml", out / "capfilt",
                   [f"captioner={weights(cap)}", f"filter={weights(filt)}"], a)
+    summary = json.load(open(cf / "capfilt_summary.json"))
+    if not summary["total"]["kept"]:
+        raise SystemExit(f"[bootstrap] the filter kept no text (summary: {cf / 'capfilt_summary.json'}, "
+                         f"filter vs noise: {summary.get('filter_vs_noise')}); train the filter longer or lower "
+                         "filter_threshold (--capfilt-set filter_threshold=...) and rerun")
     clean = run_step("5/5 pretrain on cleaned pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_capfilt",
                      [f"train_file=[{cf / 'capfilt.json'}]"], a)
     runs = {"noisy (pretrain.json)": noisy, "capfilt (capfilt.json)": clean}
@@ -106,7 +111,6 @@ def main(argv=None):
             "oracle pretrain on true captions", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_oracle",
             [f"train_file=[{ROOT / shapes_dir / 'pretrain_clean.json'}]"], a)
 
-    summary = json.load(open(cf / "capfilt_summary.json"))
     result = {"capfilt": {k: summary.get(k) for k in ("pairs", "web", "synthetic", "total", "filter_vs_noise")},
               "captioner_eval": last_eval(cap), "filter_eval": last_eval(filt),
               "pretrain_eval": {name: last_eval(d) for name, d in runs.items()}}

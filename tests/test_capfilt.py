@@ -9,7 +9,7 @@ import torch
 import blip
 import blip.capfilt as bc
 import capfilt
-from blip.capfilt import CapFilt, filter_precision_recall, list_pairs
+from blip.capfilt import CapFilt, filter_precision_recall, list_pairs, separation_auc
 from data.shapes import generate_shapes_world
 
 TINY = dict(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, embed_dim=16,
@@ -44,10 +44,17 @@ def run(world, out, *sets, max_shards=None, inputs=None):
     return capfilt.main(argv, max_shards=max_shards)
 
 
-def test_outputs_counts_and_unreadable(world, tmp_path):
+@pytest.fixture(scope="module")
+def baseline(world, tmp_path_factory):
+    """One uninterrupted run: (out_dir, summary)."""
+    out = tmp_path_factory.mktemp("base") / "out"
+    return out, run(world, out)
+
+
+def test_outputs_counts_and_unreadable(world, baseline):
     root, _ = world
-    summary = run(world, tmp_path / "out")
-    out = json.load(open(tmp_path / "out" / "capfilt.json"))
+    out_dir, summary = baseline
+    out = json.load(open(out_dir / "capfilt.json"))
     assert summary["pairs"] == 11 and summary["images_scored"] == 10
     assert summary["unreadable"]["count"] == 1
     assert summary["unreadable"]["images"] == [{"index": 10, "image": str(root / "broken.png")}]
@@ -58,15 +65,14 @@ def test_outputs_counts_and_unreadable(world, tmp_path):
     assert {e["source"] for e in out} <= {"web", "synthetic"}
     assert all(e["score"] >= 0.5 and set(e) == {"image", "caption", "source", "score"} for e in out)
     assert "filter_vs_noise" in summary and summary["filter_vs_noise"]["scored"] == 10
-    assert (tmp_path / "out" / "capfilt_scores.png").stat().st_size > 0
+    assert (out_dir / "capfilt_scores.png").stat().st_size > 0
     # the cleaned JSON is a pretraining file: its image paths resolve from its own folder
     from data.datasets import PretrainDataset
-    ds = PretrainDataset(str(tmp_path / "out" / "capfilt.json"), None)
+    ds = PretrainDataset(str(out_dir / "capfilt.json"), None)
     assert all(ds.load(i) is not None for i in range(len(ds)))
 
 
-def test_resume_is_byte_identical(world, tmp_path, monkeypatch):
-    run(world, tmp_path / "a")
+def test_resume_is_byte_identical(world, baseline, tmp_path, monkeypatch):
     assert run(world, tmp_path / "b", max_shards=1) is None  # a "crash" after one of three shards
     assert not (tmp_path / "b" / "capfilt.json").exists()
     done = []
@@ -78,14 +84,17 @@ def test_resume_is_byte_identical(world, tmp_path, monkeypatch):
     run(world, tmp_path / "b")
     assert done == [4, 8, 4]
     for name in ("capfilt.json", "capfilt_summary.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert (baseline[0] / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
-def test_threshold_acts_on_itm_score(world, tmp_path, monkeypatch):
+def test_threshold_acts_on_itm_score(world, baseline, tmp_path, monkeypatch):
+    shutil.copytree(baseline[0], tmp_path / "o")
+    monkeypatch.setattr(bc, "process_shard", None)  # the finished shards are only re-merged
     s = run(world, tmp_path / "o", "filter_threshold=0")
     assert s["total"]["kept"] == s["total"]["candidates"] == 30
-    s = run(world, tmp_path / "o", "filter_threshold=1.01")  # re-merges the same shards
+    s = run(world, tmp_path / "o", "filter_threshold=1.01")
     assert s["total"]["kept"] == 0 and s["total"]["dropped"] == 30
+    monkeypatch.undo()
     # the decision is the score's: web texts scored high, synthetic low
     monkeypatch.setattr(CapFilt, "itm_scores", lambda self, px, texts: [[0.9] + [0.1] * (len(t) - 1) for t in texts])
     s = run(world, tmp_path / "p")
@@ -127,3 +136,6 @@ def test_filter_precision_recall_by_hand():
     assert filter_precision_recall([True, True], [False, False])["precision"] == 0.0
     with pytest.raises(ValueError):
         filter_precision_recall([True], [True, False])
+    # (right, wrong) pairs: 0.9>0.4, 0.9>0.1, 0.4=0.4 (half), 0.4>0.1
+    assert separation_auc([0.9, 0.4], [0.4, 0.1]) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
+    assert separation_auc([0.2], [0.8]) == 0.0 and separation_auc([], [0.1]) is None
