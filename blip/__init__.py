@@ -90,7 +90,7 @@ def to_transformers(model, out_dir=None):
     from .checkpoint import dedup_state_dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    keep = set(to_transformers_keys(dedup_state_dict(model)))
+    keep = set(to_transformers_keys(dedup_state_dict(model)[0]))
     save_file({k: v.contiguous() for k, v in sd.items() if k in keep}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(transformers_config(model), indent=2))
     return sd

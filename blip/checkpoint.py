@@ -131,6 +131,8 @@ def _read_file(path: Path):
             sd = {k: f.get_tensor(k) for k in f.keys()}
         if "blip" in meta:
             meta = json.loads(meta["blip"])
+            for k, src in meta.get("aliases", {}).items():  # tied weights were stored once
+                sd[k] = sd[src]
         return sd, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -220,16 +222,18 @@ def _alias_groups(sd: dict) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def dedup_state_dict(model) -> dict:
-    """State dict with each shared tensor once (safetensors refuses aliases; loading re-ties them)."""
-    seen, out = set(), {}
+def dedup_state_dict(model) -> tuple[dict, dict]:
+    """(state dict with each shared tensor once, {dropped key: the key holding its tensor}): safetensors
+    refuses aliases, and the alias map lets a model that lacks the kept key still find its weights."""
+    kept, out, aliases = {}, {}, {}
     for k, v in model.state_dict().items():
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key in seen:
+        if key in kept:
+            aliases[k] = kept[key]
             continue
-        seen.add(key)
+        kept[key] = k
         out[k] = v.detach().contiguous()
-    return out
+    return out, aliases
 
 
 def atomic_write(path, write_fn):
@@ -249,6 +253,7 @@ def atomic_write(path, write_fn):
 def save_weights(model, path):
     """Our format: safetensors with the task and model config in its metadata."""
     from safetensors.torch import save_file
-    meta = {"blip": json.dumps({"task": model.task, "model_config": model.cfg.to_dict()})}
-    sd = {k: v.cpu() for k, v in dedup_state_dict(model).items()}
+    sd, aliases = dedup_state_dict(model)
+    meta = {"blip": json.dumps({"task": model.task, "model_config": model.cfg.to_dict(), "aliases": aliases})}
+    sd = {k: v.cpu() for k, v in sd.items()}
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))

@@ -371,3 +371,18 @@ def test_pth_is_read_with_weights_only(tmp_path):
     assert not sentinel.exists()
     pickle.loads(raw.read_bytes())  # what torch.load(weights_only=False) would have done
     assert sentinel.exists()
+
+
+def test_pretrain_safetensors_initialises_the_caption_decoder(tmp_path):
+    """Pretraining stores its encoder/decoder-shared tensors once; a caption model (no text encoder) must
+    still find its decoder weights in that file."""
+    import blip as _blip
+    sizes = dict(image_size=32, patch_size=16, vision_width=24, vision_depth=1, vision_heads=2, embed_dim=8,
+                 queue_size=8, med_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=32))
+    torch.manual_seed(0)
+    pre = _blip.load_model("pretrain", **sizes)
+    _blip.save_weights(pre, tmp_path / "pre.safetensors")
+    cap = _blip.load_model("caption", tmp_path / "pre.safetensors", strict=None)
+    for k, v in cap.text_decoder.state_dict().items():
+        assert torch.equal(v, pre.text_decoder.state_dict()[k]), k
