@@ -255,18 +255,6 @@ class Encoder(nn.Module):
         self.gradient_checkpointing = False
 
 
-def init_bert_weights(module: nn.Module, std: float = 0.02):
-    """BERT's initialisation (as the original's BertPreTrainedModel): N(0, 0.02) weights, zero biases, unit
-    LayerNorms. PyTorch's defaults (N(0, 1) embeddings) make every text's [CLS] state nearly the same."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=std)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
-    if isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 class TextModel(nn.Module):
     """The BERT stack (`text_encoder`, or `text_decoder.bert`)."""
 
@@ -275,7 +263,6 @@ class TextModel(nn.Module):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)
-        self.apply(init_bert_weights)
         self.apply(init_bert_weights)
 
     def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
@@ -346,7 +333,6 @@ class TextDecoder(nn.Module):
         super().__init__()
         self.bert = TextModel(cfg)
         self.cls = LMHead(cfg)
-        self.cls.apply(init_bert_weights)
         self.cls.predictions.transform.apply(init_bert_weights)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
