@@ -67,6 +67,7 @@ class Config:
     batch_size: int = 32                # per GPU, when the task has one batch size
     batch_size_train: int | None = None  # per GPU; None: batch_size
     batch_size_test: int | None = None
+    loss_weights: dict | None = None    # e.g. {loss_lm: 0.1}; None: every loss weighs 1, as the original
     grad_accum_steps: int = 1
     grad_clip: float | None = None      # max grad norm; None: no clipping (as the original)
     precision: str = "fp32"             # 'fp32' | 'bf16' | 'fp16'

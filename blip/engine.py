@@ -224,7 +224,8 @@ def fit(model, objective, dataset, cfg, out_dir, *, collate_fn=None, evaluate=No
             with sync:
                 with autocast(device, cfg.precision):
                     losses = objective(forward, model, batch, epoch, i, steps_per_epoch)
-                loss = sum(v for k, v in losses.items() if k.startswith("loss"))
+                weights = cfg.loss_weights or {}
+                loss = sum(weights.get(k, 1.0) * v for k, v in losses.items() if k.startswith("loss"))
                 losses = {k: v.detach() for k, v in losses.items() if k.startswith("loss")}
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
