@@ -1,0 +1,175 @@
+"""The evaluators: 2 gloo ranks give what one rank gives (retrieval metrics, caption results); caption, VQA
+and NLVR2 scoring on hand-made sets with known answers."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from blip.config import load_config
+from blip.evaluation import evaluate_caption, evaluate_nlvr, evaluate_vqa
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKER = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, sys.argv[2])
+    import blip
+    from blip import distributed as dist
+    from blip.config import load_config
+    from blip.evaluation import evaluate_caption, evaluate_retrieval
+
+    SIZES = dict(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, embed_dim=16,
+                 med_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+
+    class Gallery(torch.utils.data.Dataset):  # 7 images, 3 captions each (odd sizes: uneven rank shares)
+        words = "red blue green circle square left right small large two one the a on".split()
+
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.images = torch.randn(7, 3, 32, 32, generator=g)
+            self.text = [" ".join(self.words[(i * 5 + j * 3 + n) % 14] for n in range(4 + j)) for i in range(7)
+                         for j in range(3)]
+            self.txt2img = {t: t // 3 for t in range(21)}
+            self.img2txt = {i: [3 * i, 3 * i + 1, 3 * i + 2] for i in range(7)}
+
+        def __len__(self):
+            return 7
+
+        def __getitem__(self, i):
+            return self.images[i], 100 + i
+
+    rank, _, world, _ = dist.init_distributed("cpu")
+    torch.manual_seed(0)
+    retrieval = blip.load_model("retrieval", queue_size=8, **SIZES)
+    torch.manual_seed(0)
+    caption = blip.load_model("caption", **SIZES)
+    gallery = Gallery()
+    cfg = load_config(None, ["batch_size=2", "num_workers=0", "max_length=8", "min_length=3"])
+    out = {"world": world, "retrieval": evaluate_retrieval(retrieval, gallery, k_test=4, batch_size=2, rerank_batch=5),
+           "captions": evaluate_caption(caption, gallery, cfg, gt_file=None, result_file=sys.argv[1] + "/captions.json"),
+           "training": retrieval.training}
+    if dist.is_main():
+        json.dump(out, open(sys.argv[1] + f"/world{world}.json", "w"))
+    dist.cleanup()
+""")
+
+
+def test_two_ranks_evaluate_as_one(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(ROOT)], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    captions_one = json.loads((tmp_path / "one" / "captions.json").read_text())
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path / "two"), str(ROOT)], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1 = json.loads((tmp_path / "one" / "world1.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "world2.json").read_text())
+    assert r2["world"] == 2 and r1["world"] == 1
+    assert r2["retrieval"] == pytest.approx(r1["retrieval"], abs=1e-9)
+    assert json.loads((tmp_path / "two" / "captions.json").read_text()) == captions_one
+    assert [c["image_id"] for c in captions_one] == list(range(100, 107))
+    assert r1["captions"] == {} and r2["training"] is False
+
+
+# -- hand-made sets, models replaced by stubs with known outputs ----------------------------------------------
+class Images(Dataset):
+    """Image i is a constant tensor of value i; items (image, id) or, with questions, (image, question, qid)."""
+
+    def __init__(self, ids, questions=None, ann=None):
+        self.ids, self.questions, self.ann = ids, questions, ann
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        image = torch.full((3, 4, 4), float(i))
+        return (image, self.ids[i]) if self.questions is None else (image, self.questions[i], self.ids[i])
+
+
+class Stub(torch.nn.Module):
+    """Answers from a table indexed by the image's value; records the generation arguments."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table, self.kwargs, self.device = table, [], torch.device("cpu")
+
+    def _rows(self, images):
+        return [self.table[int(v)] for v in images[:, 0, 0, 0]]
+
+    def generate(self, images, **kw):
+        self.kwargs.append(kw)
+        return self._rows(images)
+
+    def answer(self, images, questions, **kw):
+        self.kwargs.append(kw)
+        return self._rows(images)
+
+    def predict(self, image0, image1, sentences):
+        return torch.tensor(self._rows(image0))
+
+
+def test_caption_evaluator_scores_results_against_coco_ground_truth(tmp_path):
+    refs = {11: ["a red circle on the left", "one red circle"], 12: ["two blue squares at the top", "blue squares"],
+            13: ["a green triangle in the center", "one green triangle"]}
+    gt = {"images": [{"id": i} for i in refs],
+          "annotations": [{"image_id": i, "caption": c, "id": n} for n, (i, c) in
+                          enumerate((i, c) for i, cs in refs.items() for c in cs)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    cfg = load_config(None, ["batch_size=2", "num_workers=0", "num_beams=4", "max_length=11", "min_length=2",
+                             "repetition_penalty=1.1", "meteor=false"])
+    stub = Stub({0: "a red circle on the left", 1: "two blue squares at the top", 2: "a green triangle in the center"})
+    scores = evaluate_caption(stub, Images([11, 12, 13]), cfg, tmp_path / "gt.json", result_file=tmp_path / "res.json")
+    assert json.loads((tmp_path / "res.json").read_text()) == [
+        {"image_id": 11, "caption": "a red circle on the left"}, {"image_id": 12, "caption": "two blue squares at the top"},
+        {"image_id": 13, "caption": "a green triangle in the center"}]
+    assert stub.kwargs[0] == dict(num_beams=4, max_length=11, min_length=2, repetition_penalty=1.1)
+    assert scores["Bleu_1"] == pytest.approx(1.0) and scores["Bleu_4"] == pytest.approx(1.0)
+    assert "METEOR" not in scores and scores["CIDEr"] > 1.0
+
+    wrong = Stub({0: "two blue squares at the top", 1: "a red circle on the left", 2: "a green triangle in the center"})
+    assert evaluate_caption(wrong, Images([11, 12, 13]), cfg, tmp_path / "gt.json")["CIDEr"] < scores["CIDEr"] / 2
+
+
+def test_vqa_evaluator_writes_results_and_official_accuracy(tmp_path):
+    ann = [{"question_id": 7, "answer": ["yes"] * 10}, {"question_id": 8, "answer": ["2"] * 2 + ["3"] * 8},
+           {"question_id": 9, "answer": ["blue"] * 10}]
+    data = Images([7, 8, 9], questions=["is it?", "how many?", "what color?"], ann=ann)
+    cfg = load_config(None, ["batch_size=2", "num_workers=0", "inference=rank", "k_test=5"])
+    stub = Stub({0: "yes", 1: "two", 2: "red"})  # "two" is normalised to "2"
+    out = evaluate_vqa(stub, data, cfg, answer_list=["yes", "2", "red"], result_file=tmp_path / "vqa_result.json")
+    # q7: 1; q8: 2 annotators of 10 agree -> mean over leave-one-out of min(1, n/3) = (2 * 1/3 + 8 * 2/3) / 10 = 0.6
+    assert out["acc"] == pytest.approx(100 * (1 + 0.6 + 0) / 3)
+    assert json.loads((tmp_path / "vqa_result.json").read_text()) == [
+        {"question_id": 7, "answer": "yes"}, {"question_id": 8, "answer": "two"}, {"question_id": 9, "answer": "red"}]
+    assert stub.kwargs[0] == dict(method="rank", answer_list=["yes", "2", "red"], k=5)
+
+    test_dev = Images([7, 8, 9], questions=["a?", "b?", "c?"], ann=[{"question_id": q} for q in (7, 8, 9)])
+    assert evaluate_vqa(stub, test_dev, cfg, ["yes"]) == {}  # no answers: the server scores the result file
+
+
+def test_nlvr_evaluator_accuracy():
+    class Pairs(Dataset):
+        labels = [1, 0, 1, 1, 0]
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.full((3, 4, 4), float(i)), torch.zeros(3, 4, 4), f"sentence {i}", self.labels[i]
+
+    stub = Stub({0: 1, 1: 0, 2: 0, 3: 1, 4: 1})  # 3 of 5 right
+    assert evaluate_nlvr(stub, Pairs(), batch_size=2) == {"acc": pytest.approx(60.0)}
