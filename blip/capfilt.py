@@ -26,9 +26,9 @@ from .checkpoint import atomic_write
 from .engine import autocast
 from .generation import generate_ids
 from .tokenizer import CLS_ID, ENC_ID, PAD_ID, SEP_ID, decode, pre_caption
+from data.datasets import IMAGE_EXTS, tar_caption
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 # ---- input: web image-text pairs ----------------------------------------------------------------------------
@@ -85,13 +85,7 @@ def _tar_pairs(path) -> list[Pair]:
     path = os.path.abspath(path)
     out = []
     for key, files in samples.items():
-        if "txt" in files:
-            caption = files["txt"].decode("utf-8")
-        elif "json" in files:
-            meta = json.loads(files["json"])
-            caption = meta.get("caption", meta.get("text"))
-        else:
-            caption = None
+        caption = tar_caption(files)
         if "image" not in files or caption is None:
             log.warning("skipping %s:%s: no image or no caption", path, key)
             continue

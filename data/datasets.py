@@ -144,6 +144,16 @@ def _tar_samples(path):
         yield key, files
 
 
+def tar_caption(files: dict):
+    """A webdataset sample's caption: KEY.txt, or the 'caption' (or 'text') of KEY.json; None if neither."""
+    if "txt" in files:
+        return files["txt"].decode("utf-8")
+    if "json" in files:
+        meta = json.loads(files["json"])
+        return meta.get("caption", meta.get("text"))
+    return None
+
+
 class WebDatasetShards(SkipsBadImages, IterableDataset):
     """Pretraining pairs from .tar shards holding KEY.jpg|png + KEY.txt|json ({"caption": ...}).
 
@@ -202,13 +212,7 @@ class WebDatasetShards(SkipsBadImages, IterableDataset):
     def _decode(self, shard, key, files):
         name = f"{shard}:{key}"
         image_ext = next((e for e in IMAGE_EXTS if e in files), None)
-        if "txt" in files:
-            caption = files["txt"].decode("utf-8")
-        elif "json" in files:
-            meta = json.loads(files["json"])
-            caption = meta.get("caption", meta.get("text"))
-        else:
-            caption = None
+        caption = tar_caption(files)
         if image_ext is None or caption is None:
             log.warning("skipping %s: no image or no caption (files: %s)", name, sorted(files))
             return None

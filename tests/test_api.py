@@ -10,18 +10,13 @@ from PIL import Image
 import blip
 from blip.__main__ import main, parse_sets
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MED = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
            max_position_embeddings=40)
 TINY = dict(image_size=32, patch_size=16, vision_width=48, vision_depth=2, vision_heads=2, embed_dim=16,
             med_config=MED)
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

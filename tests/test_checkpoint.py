@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import blip
 from blip.checkpoint import CheckpointMismatchError, load_into
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMAGE, PATCH, VW, VDEPTH = 32, 16, 48, 2
 H, LAYERS, INTER, MAXPOS, VOCAB = 32, 2, 64, 40, 30524
 EMBED, QUEUE = 16, 8
@@ -21,13 +23,6 @@ NLVR_LAYERS = 7  # layers 0-5 average the two images, layer 6 merges them (merge
 MED = dict(hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=INTER,
            max_position_embeddings=MAXPOS, vocab_size=VOCAB)
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest
-    yield
-    torch.set_num_threads(n)
 
 
 def overrides(task, image_size=IMAGE):

@@ -39,13 +39,17 @@ def test_original_values():
 
 
 def test_shapes_configs_are_tiny_and_consistent():
+    sizes = set()
     for p in CONFIGS:
         if p.stem.startswith("shapes_"):
             c = load_config(p)
-            assert c.image_size == 64 and c.vision_width <= 192 and c.vision_depth <= 4
+            assert c.image_size <= 64 and c.vision_width <= 192 and c.vision_depth <= 4
             assert c.image_size % c.patch_size == 0 and c.vision_width % c.vision_heads == 0
-            assert c.med_config["hidden_size"] == 128 and c.med_config["num_hidden_layers"] <= 4
+            assert c.med_config["hidden_size"] <= 128 and c.med_config["num_hidden_layers"] <= 4
             assert c.queue_size % c.train_batch_size == 0 and c.queue_size % (2 * c.train_batch_size) == 0
+            if p.stem != "shapes_main":  # the bootstrapping family passes checkpoints along: one size
+                sizes.add((c.image_size, c.patch_size, c.vision_width, c.vision_depth, c.med_config["hidden_size"]))
+    assert len(sizes) == 1, sizes
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -10,6 +10,8 @@ import torch
 from blip.metrics import caption_scores, vqa_accuracy
 from blip.run import ensure_shapes_world
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORLD = dict(n_train=200, n_val=40, n_test=40, image_size=32, seed=0)
 TINY = ["image_size=32", "patch_size=8", "vision_width=64", "vision_depth=2", "vision_heads=2", "embed_dim=32",
         "med_config.hidden_size=64", "med_config.num_hidden_layers=2", "med_config.num_attention_heads=2",
@@ -23,15 +25,6 @@ def world(tmp_path_factory):
     ensure_shapes_world({"out_dir": root, **WORLD})
     return root
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain little from a second thread, and on a shared machine two spinning OpenMP threads per
-    process made a 12 s run take 10 minutes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(script, config, world, out, *overrides, evaluate_from=None):

@@ -37,18 +37,13 @@ import blip  # noqa: E402
 from blip.checkpoint import load_into  # noqa: E402
 from blip.tokenizer import DEC_ID, ENC_ID, SEP_ID, decode, tokenize  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = 1e-4
 IMAGE = 32
 QUESTIONS = ["what is in the picture?", "how many dogs are there", "is it red?"]
 TEXTS = ["a dog running on the beach", "two cats", "a red car parked next to a tree", "a picture"]
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest and deterministic
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_config(vision_width=48, text_width=32, embed_dim=24):
