@@ -52,7 +52,7 @@ WORKER = textwrap.dedent("""
     gallery = Gallery()
     cfg = load_config(None, ["batch_size=2", "num_workers=0", "max_length=8", "min_length=3"])
     out = {"world": world, "retrieval": evaluate_retrieval(retrieval, gallery, k_test=4, batch_size=2, rerank_batch=5),
-           "captions": evaluate_caption(caption, gallery, cfg, gt_file=None, result_file=sys.argv[1] + "/captions.json"),
+           "captions": evaluate_caption(caption, gallery, cfg, result_file=sys.argv[1] + "/captions.json"),
            "training": retrieval.training}
     if dist.is_main():
         json.dump(out, open(sys.argv[1] + f"/world{world}.json", "w"))
@@ -134,7 +134,8 @@ def test_caption_evaluator_scores_results_against_coco_ground_truth(tmp_path):
     stub = Stub({0: "a red circle on the left", 1: "two blue squares at the top", 2: "a green triangle in the center"})
     scores = evaluate_caption(stub, Images([11, 12, 13]), cfg, tmp_path / "gt.json", result_file=tmp_path / "res.json")
     assert json.loads((tmp_path / "res.json").read_text()) == [
-        {"image_id": 11, "caption": "a red circle on the left"}, {"image_id": 12, "caption": "two blue squares at the top"},
+        {"image_id": 11, "caption": "a red circle on the left"},
+        {"image_id": 12, "caption": "two blue squares at the top"},
         {"image_id": 13, "caption": "a green triangle in the center"}]
     assert stub.kwargs[0] == dict(num_beams=4, max_length=11, min_length=2, repetition_penalty=1.1)
     assert scores["Bleu_1"] == pytest.approx(1.0) and scores["Bleu_4"] == pytest.approx(1.0)

@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from blip.metrics import caption_scores, vqa_accuracy
 from blip.run import ensure_shapes_world
@@ -24,7 +23,6 @@ def world(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("shapes"))
     ensure_shapes_world({"out_dir": root, **WORLD})
     return root
-
 
 
 def run(script, config, world, out, *overrides, evaluate_from=None):
