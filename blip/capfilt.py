@@ -26,7 +26,7 @@ from .checkpoint import atomic_write
 from .engine import autocast
 from .generation import generate_ids
 from .tokenizer import CLS_ID, ENC_ID, PAD_ID, SEP_ID, decode, pre_caption
-from data.datasets import IMAGE_EXTS, tar_caption
+from data.datasets import IMAGE_EXTS, tar_caption, tar_key_ext
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,8 @@ def _tar_pairs(path) -> list[Pair]:
         for m in tar:
             if not m.isfile():
                 continue
-            folder, name = os.path.split(m.name)
-            stem, _, ext = name.partition(".")
-            files = samples.setdefault(os.path.join(folder, stem), {})
-            ext = ext.lower()
+            key, ext = tar_key_ext(m.name)
+            files = samples.setdefault(key, {})
             if ext in ("txt", "json"):
                 files[ext] = tar.extractfile(m).read()
             elif ext in IMAGE_EXTS:

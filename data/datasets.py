@@ -125,6 +125,13 @@ class PretrainDataset(ImageDataset):
         return None if image is None else (image, pre_caption(caption, self.max_words))
 
 
+def tar_key_ext(member_name: str) -> tuple[str, str]:
+    """'dir/000123.jpg' -> ('dir/000123', 'jpg'): a sample's key is its path up to the first dot of the name."""
+    folder, name = os.path.split(member_name)
+    stem, _, ext = name.partition(".")
+    return os.path.join(folder, stem), ext.lower()
+
+
 def _tar_samples(path):
     """Yield (key, {ext: bytes}) from a webdataset-style tar: consecutive files sharing a key
     (the path up to the first dot of the file name) form one sample."""
@@ -133,13 +140,12 @@ def _tar_samples(path):
         for m in tar:
             if not m.isfile():
                 continue
-            folder, name = os.path.split(m.name)
-            stem, _, ext = name.partition(".")
-            if os.path.join(folder, stem) != key:
+            k, ext = tar_key_ext(m.name)
+            if k != key:
                 if files:
                     yield key, files
-                key, files = os.path.join(folder, stem), {}
-            files[ext.lower()] = tar.extractfile(m).read()
+                key, files = k, {}
+            files[ext] = tar.extractfile(m).read()
     if files:
         yield key, files
 

@@ -10,3 +10,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def launch(script, *args, nproc=1, cwd=None, timeout=300, env=None):
+    """Run `script args` as one plain process (nproc=1) or under `torchrun --standalone` with nproc CPU ranks,
+    one OpenMP thread each and no inherited torchrun variables. Asserts success; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    runner = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([sys.executable, *runner, str(script), *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -1,12 +1,10 @@
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import torch
 
 from blip import distributed as d
+from tests.conftest import launch
 
 
 def test_single_process_is_a_no_op(monkeypatch):
@@ -48,12 +46,7 @@ WORKER = textwrap.dedent("""
 def test_two_gloo_ranks_gather_with_gradient(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path), d.__file__], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch(script, tmp_path, d.__file__, nproc=2, timeout=120)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     rows = [[0.0, 0.0], [0.5, 5.0], [1.0, 10.0], [1.5, 15.0]]
     for r, out in enumerate((r0, r1)):

@@ -2,8 +2,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import blip
 from blip.engine import ResumableSampler, fit, lr_at
 from blip.tasks import PretrainObjective, model_options
 from tests._tiny import PairData, tiny_config
+from tests.conftest import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,12 +61,11 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 
 def test_two_rank_gloo_run_equals_one_process_with_the_global_batch(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    worker = str(ROOT / "tests" / "_ddp_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    worker = ROOT / "tests" / "_ddp_worker.py"
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, worker, str(one), "8"], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
-                    str(two), "4"], check=True, env=env, timeout=300)
+    launch(worker, one, 8, env=env)
+    launch(worker, two, 4, nproc=2, env=env)
     a = torch.load(one / "final.pt", weights_only=True)
     b = torch.load(two / "final.pt", weights_only=True)
     for k in a:
@@ -79,9 +77,7 @@ def test_two_rank_gloo_run_equals_one_process_with_the_global_batch(tmp_path):
 
 
 def test_all_rank_hard_negatives_run_on_two_gloo_ranks(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(ROOT / "tests" / "_ddp_worker.py"), str(tmp_path), "0"], check=True, env=env, timeout=300)
+    launch(ROOT / "tests" / "_ddp_worker.py", tmp_path, 0, nproc=2, env={**os.environ, "PYTHONPATH": str(ROOT)})
     for task in ("pretrain", "retrieval"):
         rows = [json.loads(l) for l in (tmp_path / task / "metrics.jsonl").read_text().splitlines()]
         assert rows and all(math.isfinite(r["loss_itm"]) for r in rows if r["event"] == "train")

@@ -1,9 +1,6 @@
 """The evaluators: 2 gloo ranks give what one rank gives (retrieval metrics, caption results); caption, VQA
 and NLVR2 scoring on hand-made sets with known answers."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,6 +10,7 @@ from torch.utils.data import Dataset
 
 from blip.config import load_config
 from blip.evaluation import evaluate_caption, evaluate_nlvr, evaluate_vqa
+from tests.conftest import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,19 +61,11 @@ WORKER = textwrap.dedent("""
 def test_two_ranks_evaluate_as_one(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), str(ROOT)], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
+    launch(script, tmp_path / "one", ROOT, cwd=tmp_path)
     captions_one = json.loads((tmp_path / "one" / "captions.json").read_text())
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), str(tmp_path / "two"), str(ROOT)], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
+    launch(script, tmp_path / "two", ROOT, nproc=2, cwd=tmp_path)
     r1 = json.loads((tmp_path / "one" / "world1.json").read_text())
     r2 = json.loads((tmp_path / "two" / "world2.json").read_text())
     assert r2["world"] == 2 and r1["world"] == 1
