@@ -291,9 +291,31 @@ class TextModel(nn.Module):
             cache.append(kv)
         return (x, cache) if use_cache else x
 
-    def cross_kv(self, encoder_hidden_states):
-        """Each layer's cross-attention (k, v) of the image tokens, computed once for a whole decode."""
-        return [layer.crossattention.self.project_kv(encoder_hidden_states) for layer in self.encoder.layer]
+    def cross_kv(self, encoder_hidden_states, index=None):
+        """Each layer's cross-attention (k, v) of the image tokens, computed once for a whole decode.
+
+        With `index` (row i reads image index[i]): each image's K/V are projected once however many rows
+        read it, one layer at a time (when that layer asks), then gathered per row."""
+        if index is None:
+            return [layer.crossattention.self.project_kv(encoder_hidden_states) for layer in self.encoder.layer]
+        return _IndexedCrossKV(self, encoder_hidden_states, index)
+
+
+class _IndexedCrossKV:
+    """Per-layer (k, v) of a few images, read by many rows: projected lazily, so one layer's are alive at a time."""
+
+    def __init__(self, model: TextModel, images: torch.Tensor, index: torch.Tensor):
+        self.model, self.images, self.index = model, images, index
+        # rows already grouped as [image 0 × g, image 1 × g, ...]: attention reads each image's K/V in place
+        counts = torch.bincount(index, minlength=len(images))
+        self.grouped = bool((counts == counts[0]).all() and (index[1:] >= index[:-1]).all())
+
+    def __len__(self):
+        return len(self.model.encoder.layer)
+
+    def __getitem__(self, i):
+        k, v = self.model.encoder.layer[i].crossattention.self.project_kv(self.images)
+        return (k, v) if self.grouped else (k[self.index], v[self.index])
 
 
 class PredictionHeadTransform(nn.Module):

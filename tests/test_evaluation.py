@@ -164,3 +164,22 @@ def test_nlvr_evaluator_accuracy():
 
     stub = Stub({0: 1, 1: 0, 2: 0, 3: 1, 4: 1})  # 3 of 5 right
     assert evaluate_nlvr(stub, Pairs(), batch_size=2) == {"acc": pytest.approx(60.0)}
+
+
+@pytest.mark.parametrize("index", [[0, 0, 0, 1, 1, 1], [0, 1, 1, 2, 2, 2], [2, 0, 1, 0, 2, 1]])
+def test_itm_with_shared_image_kv_equals_one_image_per_row(index):
+    """Re-ranking projects each image's cross-attention K/V once for all its texts: grouped rows (equal runs,
+    read in place), uneven runs and unsorted rows (gathered) must all give the per-row ITM logits."""
+    import blip
+    torch.manual_seed(0)
+    model = blip.load_model("retrieval", image_size=32, patch_size=8, vision_width=32, vision_depth=1,
+                            vision_heads=2, embed_dim=16, queue_size=8,
+                            med_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64)).eval()
+    image_embeds = model.visual_encoder(torch.randn(3, 3, 32, 32))
+    ids, mask = model.tokenize(["a red circle", "two blue squares on the left", "one", "a b c d", "x y", "z"])
+    index = torch.tensor(index)
+    with torch.no_grad():
+        per_row = model.itm_logits(image_embeds[index], ids, mask)
+        shared = model.itm_logits(image_embeds, ids, mask, image_index=index)
+    torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=1e-5)
