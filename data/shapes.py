@@ -240,7 +240,8 @@ def _write_shards(entries, root, n_shards):
 
 
 def generate_shapes_world(out_dir, n_train=1000, n_val=100, n_test=100, image_size=64,
-                          noise_fraction=0.3, seed=0, questions_per_image=3, n_shards=2) -> dict[str, str]:
+                          noise_fraction=0.3, seed=0, questions_per_image=3, n_shards=2,
+                          statements_per_image=3) -> dict[str, str]:
     """Render the images and write every task's annotation files under `out_dir`.
 
     Image paths in the files are relative to `out_dir` (the image root of every dataset). Returns
@@ -301,11 +302,12 @@ def generate_shapes_world(out_dir, n_train=1000, n_val=100, n_test=100, image_si
         write(f"vqa_{sp}", entries)
     write("answer_list", answer_list())
 
-    # NLVR2: one statement per image of the split.
+    # NLVR2: statements_per_image × (images in the split) statements over random pairs of the split.
     rng = rngs[NLVR]
     for sp, name in (("train", "train"), ("val", "dev"), ("test", "test")):
         ids = list(splits[sp])
-        write(f"nlvr_{name}", nlvr_examples(ids, scenes, paths, len(ids), rng) if len(ids) > 1 else [])
+        n = statements_per_image * len(ids)
+        write(f"nlvr_{name}", nlvr_examples(ids, scenes, paths, n, rng) if len(ids) > 1 else [])
 
     _dump(files, os.path.join(out_dir, "manifest.json"))
     out = {name: os.path.join(os.path.abspath(out_dir), f) for name, f in files.items()}
@@ -323,10 +325,12 @@ def main(argv=None):
     p.add_argument("--noise-fraction", type=float, default=0.3)
     p.add_argument("--questions-per-image", type=int, default=3)
     p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--statements-per-image", type=int, default=3, help="NLVR2 statements per image")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     files = generate_shapes_world(a.out, a.n_train, a.n_val, a.n_test, a.image_size, a.noise_fraction,
-                                  a.seed, a.questions_per_image, a.shards)
+                                  a.seed, a.questions_per_image, a.shards,
+                                  a.statements_per_image)
     for name, path in sorted(files.items()):
         print(f"{name:16s} {path}")
 

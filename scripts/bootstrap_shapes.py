@@ -14,6 +14,7 @@ capfilt.py itself resumes shard by shard).
     python scripts/bootstrap_shapes.py                                  # output/bootstrap_shapes/
     python scripts/bootstrap_shapes.py --nproc 2 --device cpu           # every step under torchrun
     python scripts/bootstrap_shapes.py --set max_epoch=1 --oracle       # overrides for every training step
+    python scripts/bootstrap_shapes.py --world /tmp/shapes               # the shapes world in another folder
 """
 from __future__ import annotations
 
@@ -84,34 +85,47 @@ def main(argv=None):
     p.add_argument("--capfilt-set", dest="capfilt_sets", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for capfilt.py (e.g. num_captions=2 filter_threshold=0.3)")
     p.add_argument("--oracle", action="store_true", help="also pretrain on the true captions")
+    p.add_argument("--world", default=None, help="shapes-world folder (default: the configs' shapes.out_dir)")
     a = p.parse_args(argv)
     for script in ("pretrain.py", "train_caption.py", "train_retrieval.py", "capfilt.py"):
         if not (ROOT / script).exists():
             raise SystemExit(f"{script} is missing: the loop needs it")
     out = Path(a.out).resolve()
 
-    noisy = run_step("1/5 pretrain on noisy pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_noisy", [], a)
+    from blip.config import load_config
+    pretrain_cfg = load_config(ROOT / "configs" / "shapes_pretrain.yaml", a.sets)
+    # every step reads the same world (all shapes_*.yaml describe one), from the folder given or configured
+    world = Path(a.world).resolve() if a.world else ROOT / pretrain_cfg.shapes["out_dir"]
+    data = [f"shapes.out_dir={world}", f"image_root={world}", f"ann_root={world}", f"coco_gt_root={world}"]
+    noisy = run_step("1/5 pretrain on noisy pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_noisy",
+                     [*data, f"train_file=[{world / 'pretrain.json'}]"], a)
     init = f"pretrained={full_checkpoint(noisy / 'model.safetensors')}"
-    cap = run_step("2/5 fine-tune captioner", "train_caption.py", "shapes_caption.yaml", out / "captioner", [init], a)
-    filt = run_step("3/5 fine-tune filter", "train_retrieval.py", "shapes_retrieval.yaml", out / "filter", [init], a)
+    cap = run_step("2/5 fine-tune captioner", "train_caption.py", "shapes_caption.yaml", out / "captioner",
+                   [*data, init], a)
+    filt = run_step("3/5 fine-tune filter", "train_retrieval.py", "shapes_retrieval.yaml", out / "filter",
+                    [*data, init], a)
     cf = run_step("4/5 capfilt", "capfilt.py", "shapes_capfilt.yaml", out / "capfilt",
-                  [f"captioner={weights(cap)}", f"filter={weights(filt)}"], a)
+                  [f"shapes.out_dir={world}", f"train_file=[{world / 'pretrain.json'}]",
+                   f"noise_file={world / 'pretrain_noise.json'}", f"captioner={weights(cap)}",
+                   f"filter={weights(filt)}"], a)
     summary = json.load(open(cf / "capfilt_summary.json"))
     if not summary["total"]["kept"]:
         raise SystemExit(f"[bootstrap] the filter kept no text (summary: {cf / 'capfilt_summary.json'}, "
                          f"filter vs noise: {summary.get('filter_vs_noise')}); train the filter longer or lower "
                          "filter_threshold (--capfilt-set filter_threshold=...) and rerun")
+    # The same budget: as many training pairs seen (epochs × pairs) as the noisy run, the cleaned set being larger.
+    n_clean = len(json.load(open(cf / "capfilt.json")))
+    epochs = max(1, round(pretrain_cfg.max_epoch * summary["pairs"] / n_clean))
     clean = run_step("5/5 pretrain on cleaned pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_capfilt",
-                     [f"train_file=[{cf / 'capfilt.json'}]"], a)
+                     [*data, f"train_file=[{cf / 'capfilt.json'}]", f"max_epoch={epochs}"], a)
     runs = {"noisy (pretrain.json)": noisy, "capfilt (capfilt.json)": clean}
     if a.oracle:
-        from blip.config import load_config
-        shapes_dir = load_config(ROOT / "configs" / "shapes_pretrain.yaml").shapes["out_dir"]
         runs["oracle (pretrain_clean.json)"] = run_step(
             "oracle pretrain on true captions", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_oracle",
-            [f"train_file=[{ROOT / shapes_dir / 'pretrain_clean.json'}]"], a)
+            [*data, f"train_file=[{world / 'pretrain_clean.json'}]"], a)
 
     result = {"capfilt": {k: summary.get(k) for k in ("pairs", "web", "synthetic", "total", "filter_vs_noise")},
+              "pretrain_pairs_seen": {"noisy": pretrain_cfg.max_epoch * summary["pairs"], "capfilt": epochs * n_clean},
               "captioner_eval": last_eval(cap), "filter_eval": last_eval(filt),
               "pretrain_eval": {name: last_eval(d) for name, d in runs.items()}}
     (out / "comparison.json").write_text(json.dumps(result, indent=1))

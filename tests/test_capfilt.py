@@ -63,7 +63,7 @@ def test_outputs_counts_and_unreadable(world, baseline):
         assert c["kept"] + c["dropped"] == c["candidates"]
     assert summary["total"]["kept"] == len(out)
     assert {e["source"] for e in out} <= {"web", "synthetic"}
-    assert all(e["score"] >= 0.5 and set(e) == {"image", "caption", "source", "score"} for e in out)
+    assert all(e["score"] >= summary["threshold"] == 0.3 and set(e) == {"image", "caption", "source", "score"} for e in out)
     assert "filter_vs_noise" in summary and summary["filter_vs_noise"]["scored"] == 10
     assert (out_dir / "capfilt_scores.png").stat().st_size > 0
     # the cleaned JSON is a pretraining file: its image paths resolve from its own folder

@@ -84,8 +84,8 @@ def test_override_type_checks(override, err):
 
 def test_overrides_apply_after_the_file(tmp_path):
     c = load_config(CONFIGS[0].parent / "shapes_caption.yaml", ["med_config.num_hidden_layers=3"])
-    assert c.med_config == {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-                            "intermediate_size": 512}
+    assert c.med_config == {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+                            "intermediate_size": 256}
 
 
 def test_save_load_round_trip(tmp_path):

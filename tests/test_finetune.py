@@ -11,7 +11,7 @@ from blip.run import ensure_shapes_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-WORLD = dict(n_train=200, n_val=40, n_test=40, image_size=32, seed=0)
+WORLD = dict(n_train=200, n_val=40, n_test=40, image_size=32, seed=0, statements_per_image=1)
 TINY = ["image_size=32", "patch_size=8", "vision_width=64", "vision_depth=2", "vision_heads=2", "embed_dim=32",
         "med_config.hidden_size=64", "med_config.num_hidden_layers=2", "med_config.num_attention_heads=2",
         "med_config.intermediate_size=128", "num_workers=0", "hflip=false", "randaugment=false", "crop_scale=[0.8,1.0]",

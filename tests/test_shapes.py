@@ -120,7 +120,7 @@ def test_vqa_answers_true(world):
 
 def test_nlvr_balanced_and_true(world):
     files, scenes = world
-    for split, n in (("nlvr_train", SIZES["n_train"]), ("nlvr_dev", SIZES["n_val"])):
+    for split, n in (("nlvr_train", 3 * SIZES["n_train"]), ("nlvr_dev", 3 * SIZES["n_val"])):  # 3 per image
         entries = _load(files, split)
         assert len(entries) == n and sum(e["label"] == "True" for e in entries) == n // 2
         for e in entries:

@@ -1,0 +1,31 @@
+"""The dataset bootstrapping loop on the shapes world, end to end, as the README runs it (about 6 minutes on
+2 cores): pretrain on noisy pairs → fine-tune captioner and filter → CapFilt → pretrain on the cleaned pairs.
+The result that matters: the filter catches most wrong web captions and keeps most right ones, and the model
+pretrained on the cleaned set retrieves better than the one pretrained on the noisy set, with as many pairs seen."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_capfilt_cleans_the_noisy_set_and_the_cleaned_set_pretrains_better(tmp_path):
+    out = tmp_path / "loop"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bootstrap_shapes.py"), "--out", str(out),
+                    "--world", str(tmp_path / "world"), "--device", "cpu", "--set", "meteor=false"],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    result = json.loads((out / "comparison.json").read_text())
+    print(json.dumps(result, indent=1))
+    cf = result["capfilt"]
+    f = cf["filter_vs_noise"]  # 300 wrong and 700 right web captions
+    right = f["scored"] - (f["caught"] + f["missed"])
+    assert f["caught"] + f["missed"] == 300 and right == 700
+    # measured: 222-223 of 300 wrong captions dropped (recall 0.74, precision 0.76-0.80), 630-643 of 700 right
+    # ones kept, AUC 0.90-0.91
+    assert f["recall"] > 0.6 and (right - f["false_alarms"]) / right > 0.8 and f["auc"] > 0.8
+    assert cf["synthetic"]["kept"] > 0.5 * cf["synthetic"]["candidates"]  # measured 833 of 1000
+    seen = result["pretrain_pairs_seen"]
+    assert abs(seen["capfilt"] - seen["noisy"]) <= 0.1 * seen["noisy"]  # the same budget
+    noisy, cleaned = (result["pretrain_eval"][k]["r_mean"] for k in ("noisy (pretrain.json)", "capfilt (capfilt.json)"))
+    assert cleaned > noisy + 1.5  # measured 12.6 and 16.6 (two runs) against 8.9 (chance 5.3; true captions: 17.1)
