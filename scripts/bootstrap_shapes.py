@@ -40,7 +40,8 @@ def run_step(name, script, config, out, sets, a):
     cmd = [*launcher, str(ROOT / script), "--config", str(ROOT / "configs" / config), "--output-dir", str(out)]
     if a.device:
         cmd += ["--device", a.device]
-    sets = list(sets) + (list(a.sets) if script != "capfilt.py" else list(a.capfilt_sets))
+    # the step's own keys (data paths, pretrained, the equal-budget max_epoch) win over the user's --set
+    sets = (list(a.sets) if script != "capfilt.py" else list(a.capfilt_sets)) + list(sets)
     if sets:
         cmd += ["--set", *sets]
     print(f"[bootstrap] {name}: {' '.join(cmd)}", flush=True)
