@@ -123,6 +123,20 @@ def wrong_caption(scene: dict, rng) -> str:
     return _pick(rng, captions(other))
 
 
+def caption_is_true(caption: str, scene: dict) -> bool:
+    """Whether a caption (ours or a model's) is true of the scene: it names a shape kind, and every
+    attribute word it uses (colour, kind and its number, count, size, position, background) fits."""
+    words = caption.lower().replace(".", " ").split()
+    kinds = [k for k in KINDS if k in words] + [k for k in KINDS if PLURAL[k] in words]
+    if not kinds or any(k != scene["kind"] for k in kinds):
+        return False
+    if (PLURAL[scene["kind"]] in words) != (scene["count"] > 1):
+        return False
+    checks = [(tuple(COLORS), scene["color"]), (tuple(SIZES), scene["size"]), (BACKGROUNDS, scene["background"]),
+              (POSITIONS, scene["position"]), (tuple(NUMBER.values()), NUMBER[scene["count"]])]
+    return all(w == truth for options, truth in checks for w in words if w in options)
+
+
 def vqa_questions(scene: dict, rng) -> list[tuple[str, str, tuple]]:
     """(question, answer, answers of the same type) for each question type."""
     noun, be = _noun(scene), ("is" if scene["count"] == 1 else "are")

@@ -5,7 +5,8 @@
   3. fine-tune the filter (ITC + ITM)       train_retrieval.py configs/shapes_retrieval.yaml pretrained = 1
   4. CapFilt over the noisy pairs           capfilt.py        configs/shapes_capfilt.yaml    captioner = 2, filter = 3
   5. pretrain again on the cleaned pairs    pretrain.py       train_file = 4's capfilt.json
-  (6. with --oracle: pretrain on the true captions, pretrain_clean.json: the upper bound)
+  (6. with --oracle: pretrain on the true captions, pretrain_clean.json: the upper bound;
+   7. with --filter-only: pretrain on the kept web pairs alone, CapFilt without the captioner)
 
 then compares the pretrained models' zero-shot retrieval recall on the shapes test split (the eval pretrain.py
 runs after each epoch) and writes comparison.json. Steps whose outputs exist are skipped (rerun to resume;
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +70,26 @@ def full_checkpoint(path: Path) -> Path:
     return out
 
 
+def caption_truth(capfilt_dir: Path, world: Path, threshold: float) -> dict:
+    """Checked against the world's scenes: how many web and synthetic captions are true, before and after the
+    filter (every candidate and its score is in the shards)."""
+    from data.shapes import caption_is_true
+    scenes = json.load(open(world / "scenes.json"))
+    n = {src: {"true": 0, "false": 0, "true_kept": 0, "false_kept": 0} for src in ("web", "synthetic")}
+    for shard in sorted((capfilt_dir / "shards").glob("shard-*.json")):
+        for e in json.load(open(shard))["pairs"]:
+            scene = scenes[str(int(Path(e["image"]).stem.split("_")[-1]))]
+            for src, text, score in [("web", e["web"], e["web_score"]),
+                                     *(("synthetic", t, p) for t, p in zip(e["synthetic"], e["synthetic_scores"]))]:
+                truth = "true" if caption_is_true(text, scene) else "false"
+                n[src][truth] += 1
+                n[src][truth + "_kept"] += score >= threshold
+    for c in n.values():
+        c["true_share"] = c["true"] / max(1, c["true"] + c["false"])
+        c["true_share_kept"] = c["true_kept"] / max(1, c["true_kept"] + c["false_kept"])
+    return n
+
+
 def last_eval(out: Path) -> dict:
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")] if (out / "metrics.jsonl").exists() else []
     rows = [r for r in rows if r.get("event") == "eval"]
@@ -86,6 +106,7 @@ def main(argv=None):
     p.add_argument("--capfilt-set", dest="capfilt_sets", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for capfilt.py (e.g. num_captions=2 filter_threshold=0.3)")
     p.add_argument("--oracle", action="store_true", help="also pretrain on the true captions")
+    p.add_argument("--filter-only", action="store_true", help="also pretrain on the kept web pairs alone")
     p.add_argument("--world", default=None, help="shapes-world folder (default: the configs' shapes.out_dir)")
     a = p.parse_args(argv)
     for script in ("pretrain.py", "train_caption.py", "train_retrieval.py", "capfilt.py"):
@@ -115,18 +136,28 @@ def main(argv=None):
                          f"filter vs noise: {summary.get('filter_vs_noise')}); train the filter longer or lower "
                          "filter_threshold (--capfilt-set filter_threshold=...) and rerun")
     # The same budget: as many training pairs seen (epochs × pairs) as the noisy run, the cleaned set being larger.
-    n_clean = len(json.load(open(cf / "capfilt.json")))
-    epochs = max(1, round(pretrain_cfg.max_epoch * summary["pairs"] / n_clean))
+    cleaned = json.load(open(cf / "capfilt.json"))
+    epochs = lambda n: max(1, round(pretrain_cfg.max_epoch * summary["pairs"] / n))  # noqa: E731
     clean = run_step("5/5 pretrain on cleaned pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_capfilt",
-                     [*data, f"train_file=[{cf / 'capfilt.json'}]", f"max_epoch={epochs}"], a)
+                     [*data, f"train_file=[{cf / 'capfilt.json'}]", f"max_epoch={epochs(len(cleaned))}"], a)
     runs = {"noisy (pretrain.json)": noisy, "capfilt (capfilt.json)": clean}
+    seen = {"noisy": pretrain_cfg.max_epoch * summary["pairs"], "capfilt": epochs(len(cleaned)) * len(cleaned)}
+    if a.filter_only:
+        web = [e for e in cleaned if e["source"] == "web"]
+        (cf / "capfilt_web.json").write_text(json.dumps(web))  # beside capfilt.json: same relative image paths
+        runs["filter only (capfilt_web.json)"] = run_step(
+            "filter-only pretrain on the kept web pairs", "pretrain.py", "shapes_pretrain.yaml",
+            out / "pretrain_filter_only", [*data, f"train_file=[{cf / 'capfilt_web.json'}]",
+                                           f"max_epoch={epochs(len(web))}"], a)
+        seen["filter only"] = epochs(len(web)) * len(web)
     if a.oracle:
         runs["oracle (pretrain_clean.json)"] = run_step(
             "oracle pretrain on true captions", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_oracle",
             [*data, f"train_file=[{world / 'pretrain_clean.json'}]"], a)
 
     result = {"capfilt": {k: summary.get(k) for k in ("pairs", "web", "synthetic", "total", "filter_vs_noise")},
-              "pretrain_pairs_seen": {"noisy": pretrain_cfg.max_epoch * summary["pairs"], "capfilt": epochs * n_clean},
+              "caption_truth": caption_truth(cf, world, summary["threshold"]),
+              "pretrain_pairs_seen": seen,
               "captioner_eval": last_eval(cap), "filter_eval": last_eval(filt),
               "pretrain_eval": {name: last_eval(d) for name, d in runs.items()}}
     (out / "comparison.json").write_text(json.dumps(result, indent=1))
@@ -134,6 +165,8 @@ def main(argv=None):
     print("\n| pretraining data | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for name, m in result["pretrain_eval"].items():
         print(f"| {name} | " + " | ".join(f"{m[k]:.2f}" if k in m else "-" for k in keys) + " |")
+    for src, c in result["caption_truth"].items():
+        print(f"{src} captions true: {100 * c['true_share']:.1f}% of all, {100 * c['true_share_kept']:.1f}% of those kept")
     print(f"\ncapfilt: {json.dumps(result['capfilt'])}\nwritten: {out / 'comparison.json'}")
     return result
 

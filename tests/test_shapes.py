@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from skimage.measure import label, regionprops
 
-from data.shapes import COLORS, KINDS, NUMBER, PLURAL, POS_PHRASE, generate_shapes_world
+from data.shapes import (COLORS, KINDS, NUMBER, PLURAL, POS_PHRASE, caption_is_true, captions, generate_shapes_world,
+                         sample_scene, wrong_caption)
 
 SIZES = dict(n_train=24, n_val=6, n_test=6)
 
@@ -151,3 +152,19 @@ def test_cli(tmp_path):
     manifest = json.load(open(tmp_path / "manifest.json"))
     assert all(os.path.exists(tmp_path / p) for k, p in manifest.items() if k != "pretrain_shards")
     assert Image.open(tmp_path / "images/train/shapes_000001.png").size == (32, 32)
+
+
+def test_caption_truth_checker():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        scene = sample_scene(rng)
+        assert all(caption_is_true(c, scene) for c in captions(scene))
+        assert not caption_is_true(wrong_caption(scene, rng), scene)
+        other = dict(scene, color=next(c for c in COLORS if c != scene["color"]))
+        assert not any(caption_is_true(c, other) for c in captions(scene) if scene["color"] in c)
+    scene = {"kind": "circle", "color": "red", "count": 2, "size": "small", "position": "left", "background": "white"}
+    assert caption_is_true("two red circles on the left", scene)
+    assert not caption_is_true("a red circle on the left", scene)      # one circle: the count is two
+    assert not caption_is_true("two red circles at the top", scene)    # position
+    assert not caption_is_true("three red circles", scene)             # number
+    assert not caption_is_true("a white background", scene)            # names no shape
