@@ -1,6 +1,6 @@
 """BLIP's training objectives as plain functions: ITC with momentum distillation, ITM hard negatives.
 
-(The LM loss lives beside the decoder: `blip.med.lm_loss`.)
+(The LM loss lives beside the decoder: `blip.med.lm_loss`, `TextDecoder.loss`.)
 """
 from __future__ import annotations
 

@@ -366,18 +366,29 @@ class TextDecoder(nn.Module):
             return self.cls.predictions(out[0]), out[1]
         return self.cls.predictions(out)
 
+    def loss(self, input_ids, labels, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+             reduction: str = "mean", label_smoothing: float = 0.1):
+        """`lm_loss` of `labels` (the inputs with ignored positions −100), vocabulary logits only at targets."""
+        h = self.bert(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, causal=True)
+        return lm_loss(h, labels, self.cls.predictions, reduction, label_smoothing)
 
-def lm_loss(logits, labels, reduction: str = "mean", label_smoothing: float = 0.1):
+
+def lm_loss(hidden, labels, head=None, reduction: str = "mean", label_smoothing: float = 0.1):
     """Next-token cross-entropy (labels −100 ignored), label smoothing 0.1 as the original.
 
+    `hidden` [B, L, h] are decoder states and `head` maps them to vocabulary logits; the head runs only where
+    a target exists (padding and prompt positions skipped): the same numbers as full logits for a fraction of
+    the vocabulary projection's cost. Without `head`, `hidden` are the logits.
     reduction 'none' gives one loss per sequence: the sum of its token losses.
     """
-    shifted = logits[:, :-1].float()
     targets = labels[:, 1:]
-    loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
-                           reduction=reduction, label_smoothing=label_smoothing)
+    rows, cols = (targets != -100).nonzero(as_tuple=True)
+    picked = hidden[rows, cols]  # position t predicts token t + 1
+    logits = (picked if head is None else head(picked)).float()
+    loss = F.cross_entropy(logits, targets[rows, cols], reduction="none" if reduction == "none" else reduction,
+                           label_smoothing=label_smoothing)
     if reduction == "none":
-        loss = loss.view(labels.shape[0], -1).sum(1)
+        loss = loss.new_zeros(labels.shape[0]).index_add_(0, rows, loss)
     return loss
 
 

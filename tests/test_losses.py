@@ -57,6 +57,26 @@ def test_lm_loss_label_smoothing_and_sequence_sums():
     assert lm_loss(logits, labels).item() == pytest.approx(sum(per_seq) / 3, abs=1e-5)  # mean over 3 tokens
 
 
+def test_decoder_loss_computes_logits_only_at_targets_with_the_same_numbers():
+    """The decoder's loss runs the LM head only where a target exists; it must equal the loss of the full logits,
+    gradients included."""
+    torch.manual_seed(0)
+    model = blip.load_model("caption", **TINY).eval()
+    dec = model.text_decoder
+    ids = torch.tensor([[30522, 1037, 3861, 1997, 2417, 102, 0], [30522, 1037, 3861, 1997, 102, 0, 0]])
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(ids == 0, -100)
+    labels[:, :4] = -100  # the prompt
+    image = model.visual_encoder(torch.randn(2, 3, 32, 32))
+    for reduction in ("mean", "none"):
+        full = lm_loss(dec(ids, mask, image), labels, reduction=reduction)
+        picked = dec.loss(ids, labels, mask, image, reduction=reduction)
+        assert picked.shape == full.shape and torch.allclose(picked, full, atol=1e-6)
+    g_full = torch.autograd.grad(lm_loss(dec(ids, mask, image), labels), dec.cls.predictions.bias)[0]
+    g_picked = torch.autograd.grad(dec.loss(ids, labels, mask, image), dec.cls.predictions.bias)[0]
+    assert torch.allclose(g_full, g_picked, atol=1e-7) and g_full.abs().sum() > 0
+
+
 def test_hard_negatives_never_pick_a_positive():
     torch.manual_seed(0)
     idx = torch.tensor([0, 1, 0, 2, 1, 3])  # captions of the same image share an index

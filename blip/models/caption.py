@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..generation import generate_ids
-from ..med import TextDecoder, lm_loss
+from ..med import TextDecoder
 from ..tokenizer import DEC_ID, PAD_ID, SEP_ID, decode
 from .base import BlipModel
 
@@ -32,7 +32,7 @@ class BlipCaption(BlipModel):
         ids, mask = self.tokenize([prompt + c for c in captions], max_length=self.max_text_length, first_token=DEC_ID)
         targets = ids.masked_fill(ids == PAD_ID, -100)
         targets[:, :self.prompt_ids(prompt, 1).shape[1]] = -100
-        return {"loss_lm": lm_loss(self.text_decoder(ids, mask, image_embeds), targets)}
+        return {"loss_lm": self.text_decoder.loss(ids, targets, mask, image_embeds)}
 
     @torch.no_grad()
     def generate(self, pixel_values, num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import distributed as dist
 from ..losses import draw_hard_negatives, itc_loss, itm_loss
-from ..med import TextDecoder, TextModel, lm_loss, tie_decoder_to_encoder
+from ..med import TextDecoder, TextModel, tie_decoder_to_encoder
 from ..tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID
 from .base import BlipModel, MomentumMixin
 
@@ -258,8 +258,8 @@ class BlipPretrain(_Contrastive):
         dec_ids = itc.ids.clone()
         dec_ids[:, 0] = DEC_ID
         targets = dec_ids.masked_fill(dec_ids == PAD_ID, -100)
-        logits = self.text_decoder(dec_ids, itc.mask, itc.image_embeds)
-        out = {"loss_ita": itc.loss_ita, "loss_itm": loss_itm, "loss_lm": lm_loss(logits, targets)}
+        loss_lm = self.text_decoder.loss(dec_ids, targets, itc.mask, itc.image_embeds)
+        out = {"loss_ita": itc.loss_ita, "loss_itm": loss_itm, "loss_lm": loss_lm}
         if return_negatives:
             out["negatives"] = negs
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..generation import generate_ids
-from ..med import TextDecoder, TextModel, lm_loss
+from ..med import TextDecoder, TextModel
 from ..tokenizer import DEC_ID, ENC_ID, PAD_ID, SEP_ID, decode
 from .base import BlipModel
 
@@ -34,7 +34,7 @@ class BlipVQA(BlipModel):
         states, q_mask = states.repeat_interleave(repeat, 0), q_mask.repeat_interleave(repeat, 0)
         ids, mask = self.tokenize(answers, first_token=DEC_ID)
         targets = ids.masked_fill(ids == PAD_ID, -100)
-        seq_loss = lm_loss(self.text_decoder(ids, mask, states, q_mask), targets, reduction="none")
+        seq_loss = self.text_decoder.loss(ids, targets, mask, states, q_mask, reduction="none")
         weights = torch.as_tensor(weights, dtype=seq_loss.dtype, device=self.device)
         return {"loss_vqa": (weights * seq_loss).sum() / pixel_values.shape[0]}
 
@@ -66,6 +66,7 @@ class BlipVQA(BlipModel):
         _, top = first_probs.topk(k, dim=1)  # [nq, k]
         ids, mask = ans_ids[top.view(-1)], ans_mask[top.view(-1)]
         targets = ids.masked_fill(ids == PAD_ID, -100)
-        logits = self.text_decoder(ids, mask, states.repeat_interleave(k, 0), q_mask.repeat_interleave(k, 0))
-        log_probs = -lm_loss(logits, targets, reduction="none").view(nq, k)
+        seq_loss = self.text_decoder.loss(ids, targets, mask, states.repeat_interleave(k, 0),
+                                          q_mask.repeat_interleave(k, 0), reduction="none")
+        log_probs = -seq_loss.view(nq, k)
         return top.gather(1, log_probs.argmax(1, keepdim=True))[:, 0]
