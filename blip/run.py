@@ -47,12 +47,12 @@ def train_transform_for(cfg, default_scale=(0.5, 1.0)):
 def ensure_shapes_world(spec: dict) -> dict:
     """Generate the shapes world described by `spec` (generate_shapes_world's arguments) unless the same
     one is already on disk; rank 0 writes, the others wait."""
-    from data.shapes import generate_shapes_world
+    from data.shapes import VERSION, generate_shapes_world
     out = Path(spec["out_dir"])
-    stamp = out / "spec.json"
-    if dist.is_main() and not (stamp.exists() and json.loads(stamp.read_text()) == spec):
+    stamp, written = out / "spec.json", dict(spec, version=VERSION)
+    if dist.is_main() and not (stamp.exists() and json.loads(stamp.read_text()) == written):
         generate_shapes_world(**spec)
-        stamp.write_text(json.dumps(spec))
+        stamp.write_text(json.dumps(written))
     dist.barrier()
     return json.loads((out / "manifest.json").read_text())
 

@@ -34,6 +34,8 @@ ATTRS = {"kind": KINDS, "color": tuple(COLORS), "count": (1, 2, 3), "size": tupl
          "position": POSITIONS, "background": BACKGROUNDS}
 # Independent random streams, so changing one part (say the image size) leaves the others alone.
 SCENES, RENDER, PRETRAIN, VQA, NLVR = range(5)
+# Bumped whenever the same arguments would write different files: a world on disk from an older version is redone.
+VERSION = 2
 
 
 def _pick(rng, options):
@@ -169,59 +171,61 @@ def _ten_answers(answer, options, rng) -> list[str]:
     return answers
 
 
-# NLVR2 statements about a pair (A = left image, B = right image): (template, truth(A, B, value), value).
-# They never mention positions inside an image: training swaps the words left/right with the images.
-def _nlvr_statement(a, b, rng):
-    src = a if rng.random() < 0.5 else b  # values taken from the pair make true statements likely
-    k = src["kind"] if rng.random() < 0.7 else _pick(rng, KINDS)
-    c = src["color"] if rng.random() < 0.7 else _pick(rng, tuple(COLORS))
-    n = a["count"] if rng.random() < 0.6 else int(rng.integers(1, 4))
-    t = int(rng.integers(10))
-    if t == 0:
-        return f"the left image contains exactly {NUMBER[n]} {k if n == 1 else PLURAL[k]}", a["kind"] == k and a["count"] == n
-    if t == 1:
-        m = b["count"] if rng.random() < 0.6 else int(rng.integers(1, 4))
-        return f"the right image contains exactly {NUMBER[m]} {k if m == 1 else PLURAL[k]}", b["kind"] == k and b["count"] == m
-    if t == 2:
-        return f"there is a {c} shape in both images", a["color"] == c == b["color"]
-    if t == 3:
-        return f"both images contain {PLURAL[k]}", a["kind"] == k == b["kind"]
-    if t == 4:
-        return "the left image has more shapes than the right image", a["count"] > b["count"]
-    if t == 5:
-        return "the right image has more shapes than the left image", b["count"] > a["count"]
-    if t == 6:
-        return "both images have the same number of shapes", a["count"] == b["count"]
-    if t == 7:
-        return f"the shapes in the left image are {c}", a["color"] == c
-    if t == 8:
-        bg = src["background"] if rng.random() < 0.6 else _pick(rng, BACKGROUNDS)
-        return f"the right image has a {bg} background", b["background"] == bg
-    s = _pick(rng, tuple(SIZES))
-    return f"at least one image contains {s} shapes", s in (a["size"], b["size"])
+# NLVR2 statements about a pair (a = left image, b = right image): (template, the attribute it is about,
+# truth(a, b, value)); a template with {} takes a value of that attribute. Each template is exactly half true, half
+# false, so the text alone predicts nothing: accuracy above 50% reads the images. Most name what a tiny model sees
+# at 32 px (backgrounds, colours, sizes); two compare counts. None mentions a position inside an image: training
+# swaps the words left/right with the images.
+NLVR_TEMPLATES = (
+    ("the left image has a {} background", "background", lambda a, b, v: a["background"] == v),
+    ("the right image has a {} background", "background", lambda a, b, v: b["background"] == v),
+    ("both images have a {} background", "background", lambda a, b, v: a["background"] == v == b["background"]),
+    ("both images have the same background", "background", lambda a, b, v: a["background"] == b["background"]),
+    ("the shapes in the left image are {}", "color", lambda a, b, v: a["color"] == v),
+    ("the shapes in the right image are {}", "color", lambda a, b, v: b["color"] == v),
+    ("there is a {} shape in both images", "color", lambda a, b, v: a["color"] == v == b["color"]),
+    ("the shapes in both images have the same color", "color", lambda a, b, v: a["color"] == b["color"]),
+    ("at least one image contains {} shapes", "size", lambda a, b, v: v in (a["size"], b["size"])),
+    ("the left image has more shapes than the right image", "count", lambda a, b, v: a["count"] > b["count"]),
+    ("both images have the same number of shapes", "count", lambda a, b, v: a["count"] == b["count"]),
+)
 
 
-def nlvr_examples(ids, scenes, paths, n, rng) -> list[dict]:
-    """`n` statements over pairs of the given images, exactly balanced between True and False."""
+def nlvr_examples(ids, scenes, paths, n, rng, about=None) -> list[dict]:
+    """`n` statements over pairs of the given images, each template (and so the whole set) balanced between
+    True and False; `about` keeps only the templates about those attributes (default: all)."""
+    templates = [t for t in NLVR_TEMPLATES if about is None or t[1] in about]
+    if not templates:
+        raise ValueError(f"no NLVR2 template is about {about}; attributes: {sorted({t[1] for t in NLVR_TEMPLATES})}")
     by_attr = {}
     for i in ids:
-        for attr in ("kind", "color"):
+        for attr in ("background", "color", "count"):
             by_attr.setdefault((attr, scenes[i][attr]), []).append(i)
-    labels = rng.permutation(np.arange(n) % 2 == 0)
-    out = []
-    for want in labels:
+
+    def draw(template, want):  # (i, j, sentence) with the wanted truth, or None when this split seems to have none
+        text, attr, truth = template
         for _ in range(1000):
-            i, attr = _pick(rng, ids), _pick(rng, ("kind", "color"))
-            # half the pairs share a kind or a colour, so that "both images ..." can be true
-            j = _pick(rng, by_attr[(attr, scenes[i][attr])] if rng.random() < 0.5 else ids)
+            i = _pick(rng, ids)
+            shared = _pick(rng, ("background", "color", "count"))
+            # half the pairs share an attribute, so that "both images ..." can be true
+            j = _pick(rng, by_attr[(shared, scenes[i][shared])] if rng.random() < 0.5 else ids)
             if i == j:
                 continue
-            sentence, truth = _nlvr_statement(scenes[i], scenes[j], rng)
-            if truth == want:
-                break
-        else:
-            raise RuntimeError("could not draw an NLVR2 statement with the wanted label")
-        out.append({"images": [paths[i], paths[j]], "sentence": sentence, "label": str(bool(want))})
+            a, b = scenes[i], scenes[j]
+            value = _pick(rng, (a, b))[attr] if rng.random() < 0.5 else _pick(rng, ATTRS[attr])
+            if truth(a, b, value) == want:
+                return i, j, text.format(value)
+        return None
+
+    out = []
+    for k in rng.permutation(n).tolist():
+        t, want = (k // 2) % len(templates), k % 2 == 0  # (True, False) per template
+        # a tiny split may make a template's wanted truth impossible ("same background" among 2 images): the next
+        drawn = next(filter(None, (draw(templates[(t + d) % len(templates)], want) for d in range(len(templates)))), None)
+        if drawn is None:
+            raise RuntimeError(f"could not draw an NLVR2 statement with label {want} from {len(ids)} images")
+        i, j, sentence = drawn
+        out.append({"images": [paths[i], paths[j]], "sentence": sentence, "label": str(want)})
     return out
 
 
@@ -255,7 +259,7 @@ def _write_shards(entries, root, n_shards):
 
 def generate_shapes_world(out_dir, n_train=1000, n_val=100, n_test=100, image_size=64,
                           noise_fraction=0.3, seed=0, questions_per_image=3, n_shards=2,
-                          statements_per_image=3) -> dict[str, str]:
+                          statements_per_image=10, nlvr_about=None) -> dict[str, str]:
     """Render the images and write every task's annotation files under `out_dir`.
 
     Image paths in the files are relative to `out_dir` (the image root of every dataset). Returns
@@ -321,7 +325,7 @@ def generate_shapes_world(out_dir, n_train=1000, n_val=100, n_test=100, image_si
     for sp, name in (("train", "train"), ("val", "dev"), ("test", "test")):
         ids = list(splits[sp])
         n = statements_per_image * len(ids)
-        write(f"nlvr_{name}", nlvr_examples(ids, scenes, paths, n, rng) if len(ids) > 1 else [])
+        write(f"nlvr_{name}", nlvr_examples(ids, scenes, paths, n, rng, nlvr_about) if len(ids) > 1 else [])
 
     _dump(files, os.path.join(out_dir, "manifest.json"))
     out = {name: os.path.join(os.path.abspath(out_dir), f) for name, f in files.items()}
@@ -339,12 +343,14 @@ def main(argv=None):
     p.add_argument("--noise-fraction", type=float, default=0.3)
     p.add_argument("--questions-per-image", type=int, default=3)
     p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--statements-per-image", type=int, default=3, help="NLVR2 statements per image")
+    p.add_argument("--statements-per-image", type=int, default=10, help="NLVR2 statements per image")
+    p.add_argument("--nlvr-about", nargs="*", default=None, metavar="ATTRIBUTE",
+                   help="NLVR2 statements only about these attributes (background color size count; default: all)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     files = generate_shapes_world(a.out, a.n_train, a.n_val, a.n_test, a.image_size, a.noise_fraction,
                                   a.seed, a.questions_per_image, a.shards,
-                                  a.statements_per_image)
+                                  a.statements_per_image, a.nlvr_about)
     for name, path in sorted(files.items()):
         print(f"{name:16s} {path}")
 

@@ -178,7 +178,7 @@ def test_nlvr_swap(world, tf):
         seen.add(swapped)
     assert seen == {True, False}
     full = D.NLVRDataset(world["nlvr_train"], world["root"], tf, train=True)
-    assert len(full) == 3 * N_TRAIN and full[0][2]  # 3 statements per image (the default)
+    assert len(full) == 10 * N_TRAIN and full[0][2]  # 10 statements per image (the default)
 
 
 # ---- validation and bad images ----

@@ -11,7 +11,9 @@ from blip.run import ensure_shapes_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-WORLD = dict(n_train=200, n_val=40, n_test=40, image_size=32, seed=0, statements_per_image=1)
+# NLVR2 statements about backgrounds only: what a tiny model learns to compare across two images within a test's
+# budget (colour and count statements need far more steps, see README)
+WORLD = dict(n_train=200, n_val=40, n_test=40, image_size=32, seed=0, statements_per_image=10, nlvr_about=["background"])
 TINY = ["image_size=32", "patch_size=8", "vision_width=64", "vision_depth=2", "vision_heads=2", "embed_dim=32",
         "med_config.hidden_size=64", "med_config.num_hidden_layers=2", "med_config.num_attention_heads=2",
         "med_config.intermediate_size=128", "num_workers=0", "hflip=false", "randaugment=false", "crop_scale=[0.8,1.0]",
@@ -27,7 +29,7 @@ def world(tmp_path_factory):
 
 def run(script, config, world, out, *overrides, evaluate_from=None):
     argv = ["--config", f"configs/{config}", "--device", "cpu", "--output-dir", str(out), "--set", *TINY,
-            *[f"shapes.{k}={v}" for k, v in WORLD.items()],
+            *[f"shapes.{k}={v}".replace("'", "") for k, v in WORLD.items()],
             *[f"{k}={world}" for k in ("shapes.out_dir", "image_root", "ann_root", "coco_gt_root", "vqa_root")],
             *overrides]
     if evaluate_from is not None:
@@ -100,16 +102,17 @@ def test_vqa(world, tmp_path):
 
 
 def test_nlvr(world, tmp_path):
-    m = train_then_evaluate("train_nlvr", "shapes_nlvr.yaml", world, tmp_path, "max_epoch=20", "init_lr=1e-3")
-    loss = train_losses(tmp_path, "loss_nlvr")
-    first, last = sum(loss[:24]) / 24, sum(loss[-24:]) / 24
-    print("nlvr", m, f"loss {first:.3f} -> {last:.3f}")
-    # From scratch, dev/test accuracy stays at chance (50-60 measured on 40 statements) in this budget;
-    # the training loss falls (measured 0.70 -> 0.59 over 240 steps, two seeds).
-    assert first - last > 0.05
-    assert set(m) == {"dev_acc", "test_acc"} and all(0 <= v <= 100 for v in m.values())
-
-
-def train_losses(tmp_path, key):
-    rows = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
-    return [r[key] for r in rows if r["event"] == "train"]
+    m = train_then_evaluate("train_nlvr", "shapes_nlvr.yaml", world, tmp_path, "max_epoch=3", "init_lr=1e-3")
+    # The text alone: each test sentence answered by its majority label in training (every template is balanced,
+    # so this is chance, ~50)
+    train = json.load(open(f"{world}/nlvr_train.json"))
+    votes = {}
+    for e in train:
+        votes.setdefault(e["sentence"], []).append(e["label"] == "True")
+    test = json.load(open(f"{world}/nlvr_test.json"))
+    majority = {sentence: 2 * sum(v) > len(v) for sentence, v in votes.items()}
+    prior = 100 * sum(majority.get(e["sentence"], False) == (e["label"] == "True") for e in test) / len(test)
+    print("nlvr", m, "text prior", prior)
+    assert len(test) == 400 and abs(prior - 50) < 10
+    # measured 77.5 (dev 75.0, text prior 45) after 3 epochs, 375 steps; dev and test: 400 statements (σ of chance 2.5)
+    assert m["test_acc"] > prior + 12 and m["dev_acc"] > 62

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from skimage.measure import label, regionprops
 
-from data.shapes import (COLORS, KINDS, NUMBER, PLURAL, POS_PHRASE, caption_is_true, captions, generate_shapes_world,
-                         sample_scene, wrong_caption)
+from data.shapes import (COLORS, KINDS, NLVR_TEMPLATES, NUMBER, PLURAL, POS_PHRASE, caption_is_true, captions,
+                         generate_shapes_world, sample_scene, wrong_caption)
 
 SIZES = dict(n_train=24, n_val=6, n_test=6)
 
@@ -121,17 +121,40 @@ def test_vqa_answers_true(world):
 
 def test_nlvr_balanced_and_true(world):
     files, scenes = world
-    for split, n in (("nlvr_train", 3 * SIZES["n_train"]), ("nlvr_dev", 3 * SIZES["n_val"])):  # 3 per image
+    patterns = [re.compile(t.format(r"(\w+)")) for t, _, _ in NLVR_TEMPLATES]
+    for split, n in (("nlvr_train", 10 * SIZES["n_train"]), ("nlvr_dev", 10 * SIZES["n_val"])):  # 10 per image
         entries = _load(files, split)
         assert len(entries) == n and sum(e["label"] == "True" for e in entries) == n // 2
+        per_template = {}
         for e in entries:
             a, b = (scenes[int(re.findall(r"\d+", p)[-1])] for p in e["images"])
+            t = next(k for k, p in enumerate(patterns) if p.fullmatch(e["sentence"]))
+            per_template.setdefault(t, []).append(e["label"] == "True")
             m = re.fullmatch(r"there is a (\w+) shape in both images", e["sentence"])
             if m:
                 assert (e["label"] == "True") == (a["color"] == m[1] == b["color"])
+            m = re.fullmatch(r"the right image has a (\w+) background", e["sentence"])
+            if m:
+                assert (e["label"] == "True") == (b["background"] == m[1])
             if e["sentence"] == "both images have the same number of shapes":
                 assert (e["label"] == "True") == (a["count"] == b["count"])
+            if e["sentence"] == "the left image has more shapes than the right image":
+                assert (e["label"] == "True") == (a["count"] > b["count"])
             assert " on the " not in e["sentence"]  # no in-image positions: swapping left/right keeps it true
+        # every template is there, half true: the sentence alone tells nothing
+        assert len(per_template) == len(NLVR_TEMPLATES)
+        assert all(abs(2 * sum(v) - len(v)) <= 1 for v in per_template.values())
+
+
+def test_nlvr_statements_about_chosen_attributes(tmp_path):
+    from data.shapes import generate_shapes_world
+
+    files = generate_shapes_world(tmp_path, n_train=20, n_val=4, n_test=4, image_size=32, n_shards=0,
+                                  statements_per_image=4, nlvr_about=["background"])
+    entries = json.load(open(files["nlvr_train"]))
+    assert len(entries) == 80 and all("background" in e["sentence"] for e in entries)
+    with pytest.raises(ValueError, match="no NLVR2 template is about"):
+        generate_shapes_world(tmp_path, n_train=4, n_val=2, n_test=2, image_size=32, n_shards=0, nlvr_about=["smell"])
 
 
 def test_coco_ground_truth(world):
