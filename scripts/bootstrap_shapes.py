@@ -16,13 +16,16 @@ capfilt.py itself resumes shard by shard).
     python scripts/bootstrap_shapes.py --nproc 2 --device cpu           # every step under torchrun
     python scripts/bootstrap_shapes.py --set max_epoch=1 --oracle       # overrides for every training step
     python scripts/bootstrap_shapes.py --world /tmp/shapes               # the shapes world in another folder
+    python scripts/bootstrap_shapes.py --jobs 2                          # steps 2 and 3 side by side
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +48,9 @@ def run_step(name, script, config, out, sets, a):
     if sets:
         cmd += ["--set", *sets]
     print(f"[bootstrap] {name}: {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    # side by side (--jobs 2), each step gets one thread: two spinning OpenMP pools on the same cores crawl
+    env = dict(os.environ, OMP_NUM_THREADS="1") if a.jobs > 1 else None
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     return out
 
 
@@ -108,6 +113,8 @@ def main(argv=None):
     p.add_argument("--oracle", action="store_true", help="also pretrain on the true captions")
     p.add_argument("--filter-only", action="store_true", help="also pretrain on the kept web pairs alone")
     p.add_argument("--world", default=None, help="shapes-world folder (default: the configs' shapes.out_dir)")
+    p.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                   help="2: fine-tune the captioner and the filter at the same time, one thread each")
     a = p.parse_args(argv)
     for script in ("pretrain.py", "train_caption.py", "train_retrieval.py", "capfilt.py"):
         if not (ROOT / script).exists():
@@ -122,10 +129,12 @@ def main(argv=None):
     noisy = run_step("1/5 pretrain on noisy pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_noisy",
                      [*data, f"train_file=[{world / 'pretrain.json'}]"], a)
     init = f"pretrained={full_checkpoint(noisy / 'model.safetensors')}"
-    cap = run_step("2/5 fine-tune captioner", "train_caption.py", "shapes_caption.yaml", out / "captioner",
-                   [*data, init], a)
-    filt = run_step("3/5 fine-tune filter", "train_retrieval.py", "shapes_retrieval.yaml", out / "filter",
-                    [*data, init], a)
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # the two fine-tunes are independent
+        cap = pool.submit(run_step, "2/5 fine-tune captioner", "train_caption.py", "shapes_caption.yaml",
+                          out / "captioner", [*data, init], a)
+        filt = pool.submit(run_step, "3/5 fine-tune filter", "train_retrieval.py", "shapes_retrieval.yaml",
+                           out / "filter", [*data, init], a)
+        cap, filt = cap.result(), filt.result()
     cf = run_step("4/5 capfilt", "capfilt.py", "shapes_capfilt.yaml", out / "capfilt",
                   [f"shapes.out_dir={world}", f"train_file=[{world / 'pretrain.json'}]",
                    f"noise_file={world / 'pretrain_noise.json'}", f"captioner={weights(cap)}",
