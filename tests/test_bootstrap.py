@@ -1,4 +1,4 @@
-"""The dataset bootstrapping loop on the shapes world, end to end, as the README runs it (about 15 minutes on
+"""The dataset bootstrapping loop on the shapes world, end to end, as the README runs it (about 12 minutes on
 2 cores): pretrain on noisy pairs → fine-tune captioner and filter → CapFilt → pretrain on the cleaned pairs.
 The result that matters: the filter catches most wrong web captions and keeps most right ones, and the model
 pretrained on the cleaned set retrieves no worse (measured: better) than the one pretrained on the noisy set, with
@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # ~15 min: CI runs it after the suite (pytest -m slow)
+@pytest.mark.slow  # ~12 min: CI runs it after the suite (pytest -m slow)
 def test_capfilt_cleans_the_noisy_set_and_the_cleaned_set_pretrains_better(tmp_path):
     out = tmp_path / "loop"
     # --jobs 2: captioner and filter side by side, every step on one thread (which also makes a run repeatable)
