@@ -385,8 +385,7 @@ def lm_loss(hidden, labels, head=None, reduction: str = "mean", label_smoothing:
     rows, cols = (targets != -100).nonzero(as_tuple=True)
     picked = hidden[rows, cols]  # position t predicts token t + 1
     logits = (picked if head is None else head(picked)).float()
-    loss = F.cross_entropy(logits, targets[rows, cols], reduction="none" if reduction == "none" else reduction,
-                           label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits, targets[rows, cols], reduction=reduction, label_smoothing=label_smoothing)
     if reduction == "none":
         loss = loss.new_zeros(labels.shape[0]).index_add_(0, rows, loss)
     return loss
