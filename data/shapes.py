@@ -194,9 +194,11 @@ NLVR_TEMPLATES = (
 def nlvr_examples(ids, scenes, paths, n, rng, about=None) -> list[dict]:
     """`n` statements over pairs of the given images, each template (and so the whole set) balanced between
     True and False; `about` keeps only the templates about those attributes (default: all)."""
+    known = sorted({t[1] for t in NLVR_TEMPLATES})
+    unknown = sorted(set(about or ()) - set(known))
+    if unknown or (about is not None and not about):
+        raise ValueError(f"nlvr_about: no NLVR2 template is about {unknown or about}; attributes: {known}")
     templates = [t for t in NLVR_TEMPLATES if about is None or t[1] in about]
-    if not templates:
-        raise ValueError(f"no NLVR2 template is about {about}; attributes: {sorted({t[1] for t in NLVR_TEMPLATES})}")
     by_attr = {}
     for i in ids:
         for attr in ("background", "color", "count"):
@@ -221,8 +223,11 @@ def nlvr_examples(ids, scenes, paths, n, rng, about=None) -> list[dict]:
     for k in rng.permutation(n).tolist():
         t, want = (k // 2) % len(templates), k % 2 == 0  # (True, False) per template
         # a tiny split may make a template's wanted truth impossible ("same background" among 2 images): the next
-        drawn = next(filter(None, (draw(templates[(t + d) % len(templates)], want) for d in range(len(templates)))), None)
-        if drawn is None:
+        for d in range(len(templates)):
+            drawn = draw(templates[(t + d) % len(templates)], want)
+            if drawn is not None:
+                break
+        else:
             raise RuntimeError(f"could not draw an NLVR2 statement with label {want} from {len(ids)} images")
         i, j, sentence = drawn
         out.append({"images": [paths[i], paths[j]], "sentence": sentence, "label": str(want)})

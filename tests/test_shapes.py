@@ -153,8 +153,25 @@ def test_nlvr_statements_about_chosen_attributes(tmp_path):
                                   statements_per_image=4, nlvr_about=["background"])
     entries = json.load(open(files["nlvr_train"]))
     assert len(entries) == 80 and all("background" in e["sentence"] for e in entries)
-    with pytest.raises(ValueError, match="no NLVR2 template is about"):
-        generate_shapes_world(tmp_path, n_train=4, n_val=2, n_test=2, image_size=32, n_shards=0, nlvr_about=["smell"])
+    for about in (["smell"], ["background", "smell"], []):
+        with pytest.raises(ValueError, match="nlvr_about: no NLVR2 template is about"):
+            generate_shapes_world(tmp_path, n_train=4, n_val=2, n_test=2, image_size=32, n_shards=0, nlvr_about=about)
+
+
+def test_world_on_disk_is_redone_when_the_generator_version_changes(tmp_path):
+    from blip.run import ensure_shapes_world
+    from data import shapes
+
+    spec = {"out_dir": str(tmp_path), "n_train": 4, "n_val": 2, "n_test": 2, "image_size": 32, "n_shards": 0}
+    ensure_shapes_world(spec)
+    marker = tmp_path / "nlvr_train.json"
+    marker.write_text("[]")  # what an older generator might have written
+    ensure_shapes_world(spec)
+    assert marker.read_text() == "[]"  # same spec, same version: kept
+    stamp = json.loads((tmp_path / "spec.json").read_text())
+    (tmp_path / "spec.json").write_text(json.dumps(dict(stamp, version=shapes.VERSION - 1)))
+    ensure_shapes_world(spec)
+    assert len(json.loads(marker.read_text())) == 40  # an older version's world: regenerated
 
 
 def test_coco_ground_truth(world):
