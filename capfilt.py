@@ -20,22 +20,21 @@ from blip import distributed as dist
 from blip import load_model
 from blip.capfilt import CapFilt, fingerprint, list_pairs, merge, run_shards, shard_path
 from blip.run import start_run
-from blip.tasks import model_options
+from data.shapes import ensure_shapes_world
 
 log = logging.getLogger("capfilt")
 
 
 def load_models(cfg, device):
-    """Captioner and filter. Our .safetensors carry their sizes; other checkpoints (the original .pth) take
-    the config's model keys. The filter is built as the ITM model whatever it was trained as (a retrieval or
-    pretraining checkpoint brings momentum encoders and queues that scoring does not need)."""
-    def overrides(path):
-        return {} if str(path).endswith(".safetensors") else model_options(cfg)
+    """Captioner and filter: each checkpoint's stored description (ours, transformers'), overridden by the model
+    keys the config sets (an original .pth takes its sizes from them). The filter is built as the ITM model
+    whatever it was trained as (a retrieval or pretraining checkpoint brings momentum encoders and queues that
+    scoring does not need)."""
     for key in ("captioner", "filter"):
         if not getattr(cfg, key):
             raise SystemExit(f"capfilt: set the {key} checkpoint, e.g. --set {key}=path/to/model.safetensors")
-    captioner = load_model("caption", cfg.captioner, **overrides(cfg.captioner)).to(device)
-    filter_model = load_model("itm", cfg.filter, **overrides(cfg.filter)).to(device)
+    captioner = load_model("caption", cfg.captioner, **cfg.model).to(device)
+    filter_model = load_model("itm", cfg.filter, **cfg.model).to(device)
     return captioner, filter_model
 
 
@@ -46,20 +45,21 @@ def _file_id(path):
 
 def settings_of(cfg, pairs) -> dict:
     """Everything a shard's content depends on (the threshold is applied at the merge, so it is not here)."""
-    keys = ("filter_task", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty", "prompt",
+    keys = ("filter_task", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty",
             "seed", "max_words", "precision", "shard_size", "test_batch_size")
     return {"captioner": _file_id(cfg.captioner), "filter": _file_id(cfg.filter),
             "inputs": [_file_id(f) for src in cfg.train_file for f in sorted(glob.glob(src)) or [src]],
-            "n_pairs": len(pairs), "model": model_options(cfg), **{k: getattr(cfg, k) for k in keys}}
+            "n_pairs": len(pairs), "model": cfg.model, **{k: getattr(cfg, k) for k in keys}}
 
 
 def main(argv=None, max_shards=None):
     """max_shards: stop after that many shards on each rank, without merging (tests simulate a crash)."""
-    args, cfg, device, out = start_run("BLIP CapFilt: caption and filter web image-text pairs", argv)
+    args, cfg, device, out = start_run("BLIP CapFilt: caption and filter web image-text pairs", argv,
+                                       prepare=ensure_shapes_world)
     captioner, filter_model = load_models(cfg, device)
     capfilt = CapFilt(captioner, filter_model, filter_task=cfg.filter_task, num_captions=cfg.num_captions,
                       top_p=cfg.top_p, min_length=cfg.min_length, max_length=cfg.max_length,
-                      repetition_penalty=cfg.repetition_penalty, prompt=cfg.prompt, max_words=cfg.max_words,
+                      repetition_penalty=cfg.repetition_penalty, prompt=captioner.cfg.prompt, max_words=cfg.max_words,
                       precision=cfg.precision)
     pairs = list_pairs(cfg.train_file)
     settings = settings_of(cfg, pairs)

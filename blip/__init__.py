@@ -9,36 +9,43 @@ Public API:
 from __future__ import annotations
 
 from .checkpoint import CheckpointMismatchError, load_into, read_metadata, save_weights
-from .models import TASKS, ModelConfig
+from .models import PRESETS, TASKS, ModelConfig
 
 __all__ = ["load_model", "from_transformers", "to_transformers", "image_transform", "load_images",
-           "save_weights", "ModelConfig", "TASKS", "CheckpointMismatchError"]
+           "save_weights", "ModelConfig", "PRESETS", "TASKS", "CheckpointMismatchError"]
 
 
 def load_model(task: str, checkpoint=None, strict: bool | None = None, **overrides):
     """Build a task model (sizes from `overrides`, see ModelConfig) and load `checkpoint` into it.
 
     checkpoint: None (random init), a path (original .pth, our .safetensors, a transformers directory or
-    file) or a state dict; the layout is detected. Our safetensors carry their model config, which
-    `overrides` may still change. The model is returned in eval mode.
+    file) or a state dict; the layout is detected. Our safetensors and transformers directories carry their
+    model description; `overrides` (ModelConfig keys, and `preset`: a name in blip.models.PRESETS) change it key
+    by key. The model is returned in eval mode.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    if checkpoint is not None and not isinstance(checkpoint, dict):
-        from pathlib import Path
-        if not Path(checkpoint).exists():  # before building a model that may take seconds
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        meta = read_metadata(checkpoint)
-        if "model_config" in meta:
-            overrides = {**meta["model_config"], **overrides}
-        elif "transformers_config" in meta:
-            overrides = {**config_from_transformers(meta["transformers_config"]), **overrides}
-    model = TASKS[task](ModelConfig.from_overrides(**overrides))
+    model = TASKS[task](ModelConfig.from_overrides(stored_description(checkpoint), **overrides))
     if checkpoint is not None:
         load_into(model, checkpoint, strict=strict)
     elif hasattr(model, "copy_params"):
         model.copy_params()
     return model.eval()
+
+
+def stored_description(checkpoint) -> dict:
+    """The ModelConfig options a checkpoint carries (our safetensors, a transformers directory); {} if none."""
+    if checkpoint is None or isinstance(checkpoint, dict):
+        return {}
+    from pathlib import Path
+    if not Path(checkpoint).exists():  # before building a model that may take seconds
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    meta = read_metadata(checkpoint)
+    if "model_config" in meta:
+        return meta["model_config"]
+    if "transformers_config" in meta:
+        return config_from_transformers(meta["transformers_config"])
+    return {}
 
 
 def config_from_transformers(cfg) -> dict:
@@ -118,7 +125,7 @@ def transformers_config(model) -> dict:
 
 def image_transform(image_size: int, train: bool = False):
     """The original preprocessing: test = bicubic resize + CLIP normalisation; train adds the augmentations."""
-    from data.transforms import test_transform, train_transform
+    from .transforms import test_transform, train_transform
     return train_transform(image_size) if train else test_transform(image_size)
 
 

@@ -24,9 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from . import distributed as dist
 from .checkpoint import atomic_write
 from .engine import autocast
-from .generation import generate_ids
-from .tokenizer import CLS_ID, ENC_ID, PAD_ID, SEP_ID, decode, pre_caption
-from data.datasets import IMAGE_EXTS, tar_caption, tar_key_ext
+from .tokenizer import CLS_ID, ENC_ID, pre_caption
+from .datasets import IMAGE_EXTS, tar_caption, tar_key_ext
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ def list_pairs(sources) -> list[Pair]:
 
 
 def _json_pairs(path) -> list[Pair]:
-    from data.datasets import load_entries
+    from .datasets import load_entries
     root = os.path.dirname(os.path.abspath(path))
     out = []
     for e in load_entries(path, ("image", "caption")):
@@ -112,7 +111,7 @@ class _ShardImages(Dataset):
     """(position, captioner pixels, filter pixels, raw bytes of tar images) or (position, None...) if unreadable."""
 
     def __init__(self, pairs, captioner_tf, filter_tf, same_size):
-        from data.datasets import SkipsBadImages
+        from .datasets import SkipsBadImages
         self.pairs = pairs
         self.reader = SkipsBadImages()  # its load_image: the loaders' error classes, logging and counting
         self.reader.transform = _TwoSizes(captioner_tf, None if same_size else filter_tf)
@@ -169,27 +168,21 @@ class CapFilt:
     @torch.no_grad()
     def captions(self, pixel_values, generator=None) -> list[list[str]]:
         """`num_captions` nucleus-sampled captions per image (the prompt cut off, as the captioner's generate)."""
-        m, n = self.captioner, self.num_captions
+        n = self.num_captions
         with autocast(self.device, self.precision):
-            image_embeds = m.visual_encoder(pixel_values).repeat_interleave(n, dim=0)
-            ids = generate_ids(m.text_decoder, image_embeds, m.prompt_ids(self.prompt, len(image_embeds)),
-                               max_length=self.max_length, min_length=self.min_length,
-                               repetition_penalty=self.repetition_penalty, sample=True, top_p=self.top_p,
-                               top_k=self.top_k, eos_id=SEP_ID, pad_id=PAD_ID, generator=generator)
-        texts = [decode(seq)[len(self.prompt):] for seq in ids]
+            texts = self.captioner.generate(pixel_values, sample=True, num_captions=n, max_length=self.max_length,
+                                            min_length=self.min_length, repetition_penalty=self.repetition_penalty,
+                                            top_p=self.top_p, top_k=self.top_k, prompt=self.prompt,
+                                            generator=generator)
         return [texts[i * n:(i + 1) * n] for i in range(len(pixel_values))]
 
     @torch.no_grad()
     def itm_scores(self, pixel_values, texts_per_image) -> list[list[float]]:
         """ITM match probability of every text of image i against image i (one ViT pass per image)."""
-        m = self.filter
         rows = [i for i, texts in enumerate(texts_per_image) for _ in texts]
         texts = [pre_caption(t, self.max_words) for ts in texts_per_image for t in ts]
-        ids, mask = m.tokenize(texts, max_length=m.text_max_length, first_token=self.first_token)
         with autocast(self.device, self.precision):
-            image_embeds = m.visual_encoder(pixel_values)
-            rows_t = torch.as_tensor(rows, device=image_embeds.device)
-            probs = m.itm_logits(image_embeds[rows_t], ids, mask).float().softmax(-1)[:, 1].tolist()
+            probs = self.filter.itm_score(pixel_values, texts, image_index=rows, first_token=self.first_token).tolist()
         out, k = [], 0
         for ts in texts_per_image:
             out.append(probs[k:k + len(ts)])
@@ -208,7 +201,7 @@ def process_shard(capfilt: CapFilt, pairs: list[Pair], start: int, seed: int, *,
     """
     device = capfilt.device
     size_c, size_f = capfilt.captioner.vision_cfg.image_size, capfilt.filter.vision_cfg.image_size
-    from data.transforms import test_transform
+    from .transforms import test_transform
     data = _ShardImages(pairs, test_transform(size_c), test_transform(size_f), size_c == size_f)
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -1,6 +1,7 @@
 """One flat, typed config for every task, read from YAML.
 
-`Config` holds the union of the original BLIP YAML keys (same names, same meaning) plus ours.
+`Config` holds the union of the original BLIP YAML keys (same names, same meaning) plus ours; the model options
+are ModelConfig's own keys, gathered in `Config.model` (only those set), never repeated here.
 Defaults are the original values where the original configs agree (or its code's constants);
 each configs/*.yaml states its task's values. Unknown keys are errors, never silently ignored.
 """
@@ -18,11 +19,14 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from .models.base import PRESETS, ModelConfig
+from .schedules import SCHEDULES
+
 
 @dataclass
 class Config:
     # --- what to run ---------------------------------------------------------------------------
-    task: str = ""                      # pretrain | retrieval | caption | nocaps | vqa | nlvr
+    task: str = ""                      # pretrain | retrieval | caption | nocaps | vqa | nlvr | capfilt (the script checks)
     seed: int = 42                      # the original's --seed default
     output_dir: str = "output"
     # --- data (original keys) ------------------------------------------------------------------
@@ -41,20 +45,11 @@ class Config:
     crop_scale: list[float] | None = None  # RandomResizedCrop scale; None: (0.2, 1) pretraining, (0.5, 1) others
     hflip: bool = True                  # off where captions name left/right (the shapes world)
     randaugment: bool = True            # RandAugment(2, 5) in training transforms; off for tiny from-scratch runs
-    # --- model sizes -----------------------------------------------------------------------------
-    vit: str = "base"                   # 'base' | 'large'; the fields below override its sizes
-    vision_width: int | None = None
-    vision_depth: int | None = None
-    vision_heads: int | None = None
-    patch_size: int = 16
-    vision_layer_norm_eps: float = 1e-6
-    vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0
-    drop_path_rate: float | None = None  # None: the task's original (0 or 0.1, see SPEC §3)
-    image_size: int = 384
-    med_config: dict | str | None = None  # BERT/MED overrides (dict) or a JSON path; None: base
-    text_grad_ckpt: bool = False
-    embed_dim: int = 256                # ITC projection width
+    # --- the model ----------------------------------------------------------------------------
+    # Model options are ModelConfig's keys (vit, image_size, med_config, queue_size, ..., and `preset`), written at
+    # the top level of a YAML file as the original's. Only those the file or --set gives are kept here: they
+    # override a checkpoint's stored description key by key; the rest come from it (or ModelConfig's defaults).
+    model: dict = field(default_factory=dict)
     pretrained: str = ""                # checkpoint path to initialise from ('' = none)
     # --- optimisation ----------------------------------------------------------------------------
     init_lr: float = 1e-5
@@ -71,17 +66,14 @@ class Config:
     grad_accum_steps: int = 1
     grad_clip: float | None = None      # max grad norm; None: no clipping (as the original)
     precision: str = "fp32"             # 'fp32' | 'bf16' | 'fp16'
+    schedule: str | None = None         # 'cosine' | 'step' (warmup + step decay); None: the task's default
+    deterministic: bool = False         # bit-identical runs and resumes (see blip.determinism), at a cost
     save_every_steps: int = 0           # 0: checkpoint at epoch ends only
     log_every: int = 50                 # the original's print_freq
     # --- contrastive / momentum ------------------------------------------------------------------
-    queue_size: int = 57600
     alpha: float = 0.4
-    momentum: float = 0.995
-    label_smoothing: float = 0.1        # decoder LM loss
-    negative_all_rank: bool = False
     # --- evaluation / generation ---------------------------------------------------------------
     k_test: int = 256
-    prompt: str = "a picture of "
     max_length: int = 20
     min_length: int = 5
     num_beams: int = 3
@@ -107,16 +99,28 @@ class Config:
         return self.batch_size if self.batch_size_test is None else self.batch_size_test
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat, as the YAML files: the model options at the top level."""
+        d = dataclasses.asdict(self)
+        return {**{k: v for k, v in d.items() if k != "model"}, **d["model"]}
 
 
+# `task` is checked by the task that runs the config (blip.tasks.Task): a new task needs no edit here.
 _CHOICES = {"vit": ("base", "large"), "precision": ("fp32", "bf16", "fp16"),
-            "inference": ("rank", "generate"), "filter_task": ("retrieval", "itm")}
+            "inference": ("rank", "generate"), "filter_task": ("retrieval", "itm"),
+            "schedule": (None, *SCHEDULES), "preset": tuple(PRESETS)}
 _yaml = YAML(typ="safe")
+_CONFIG_KEYS = {f.name for f in dataclasses.fields(Config)} - {"model"}
+MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
+
+
+def _hints(name: str):
+    if name in MODEL_KEYS:
+        return str | None if name == "preset" else typing.get_type_hints(ModelConfig)[name]
+    return typing.get_type_hints(Config)[name]
 
 
 def _allowed_types(name: str) -> tuple[type, ...]:
-    hint = typing.get_type_hints(Config)[name]
+    hint = _hints(name)
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     return tuple(type(None) if a is type(None) else (typing.get_origin(a) or a) for a in args)
 
@@ -136,20 +140,22 @@ def _check(name: str, value: Any, where: str) -> Any:
 
 
 def _unknown(key: str, where: str) -> ValueError:
-    close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(Config)], n=1)
+    close = difflib.get_close_matches(key, sorted(_CONFIG_KEYS | MODEL_KEYS), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ValueError(f"{where}: unknown config key '{key}'{hint}")
 
 
 def _set(values: dict[str, Any], key: str, value: Any, where: str) -> None:
-    """Set `key` (or `field.subkey` inside a dict-valued field such as med_config)."""
+    """Set `key` (or `field.subkey` inside a dict-valued field such as med_config); model keys go to 'model'."""
     name, _, sub = key.partition(".")
-    if name not in values:
+    if name in MODEL_KEYS:
+        values = values["model"]
+    elif name not in _CONFIG_KEYS:
         raise _unknown(name, where)
     if not sub:
         values[name] = _check(name, value, where)
         return
-    node = values[name]
+    node = values.get(name)
     if node is None:
         node = values[name] = {}
     if not isinstance(node, dict):
@@ -173,15 +179,16 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
     """Read a YAML config (None: defaults only), then apply `key=value` overrides in order."""
-    values = Config().to_dict()
+    values = dataclasses.asdict(Config())
     if path is not None:
         data = _yaml.load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config file must be a mapping of keys to values")
         for key, value in data.items():
-            if key not in values:
+            target = values["model"] if key in MODEL_KEYS else values
+            if key not in _CONFIG_KEYS and key not in MODEL_KEYS:
                 raise _unknown(str(key), str(path))
-            values[key] = _check(key, value, str(path))
+            target[key] = _check(key, value, str(path))
     for text in overrides:
         _set(values, *parse_override(text), where="--set")
     return Config(**values)

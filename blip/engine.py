@@ -1,13 +1,17 @@
-"""The one training loop every entry script uses.
+"""The one training loop every task uses: optimizer steps, with micro-steps inside.
 
-`fit(model, objective, dataset, cfg, out_dir, ...)`: torchrun DDP (or one process), bf16/fp16 autocast
-(GradScaler only for fp16), gradient accumulation with DDP sync on the last micro-step only, clipping after
-unscale, AdamW (fused, no decay on biases/norms), the original LR schedules, per-step LR,
-atomic resumable checkpoints (model with every buffer, optimizer, scaler, RNG of every rank, data position),
-a JSON-lines metrics log, tqdm on rank 0, and a guard that stops on a non-finite loss.
+    fit(task, model, dataset, out_dir)
+      setup         optimizer (fused AdamW, no decay on biases/norms), DDP wrap, GradScaler (fp16 only), resume
+      per epoch, per optimizer step (train_step):
+        LR from the task's schedule; task.begin_step (the momentum update: once per optimizer step)
+        grad_accum_steps micro-steps of forward + backward (forward_backward; DDP syncs on the last one)
+        clipping after unscale, the optimizer step
+        every log_every steps: the losses, averaged over micro-steps and ranks (the only host sync)
+      end of epoch  checkpoint (atomic, resumable), weights, evaluation, the data report, logs
 
-An objective is a callable `objective(forward, model, batch, epoch, i, steps_per_epoch) -> {name: loss}`:
-`forward` is the (possibly DDP-wrapped) model to call for gradients, `model` the bare one (momentum updates).
+Every count — warmup, LR, alpha ramps, log_every, save_every_steps, the EMA — is in optimizer steps. Samples are
+augmented in a private RNG scope seeded by (seed, epoch, index), so the process-wide generators belong to the
+model (dropout, ITM negatives): the same losses with any num_workers, and both streams restored on resume.
 """
 from __future__ import annotations
 
@@ -16,20 +20,22 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
 from . import distributed as dist
 from .checkpoint import atomic_write, save_weights
+from .schedules import SCHEDULES
 
 log = logging.getLogger(__name__)
 
 
-# -- data order that can resume mid-epoch ---------------------------------------------------------------
+# -- data: a resumable order, augmentation in its own RNG stream, skipped images carried to the trainer -----------
 class ResumableSampler(Sampler):
     """Seeded shuffle per epoch; global batch j is perm[j*B:(j+1)*B] (B = batch × world) and rank r takes
     its r-th slice, so one process with batch B sees exactly what `world` ranks see together. `start_batch`
@@ -58,9 +64,33 @@ class ResumableSampler(Sampler):
         return (self.num_batches - self.start_batch) * self.b
 
 
-class SeededDataset(Dataset):
-    """Seeds the augmentation RNGs from (seed, epoch, index) for every sample, so a resumed run and any
-    number of workers draw the same augmentations as an uninterrupted run."""
+@contextmanager
+def private_rng(seed: int):
+    """Run a block with torch (CPU), numpy and `random` seeded to `seed`, then put the caller's states back."""
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+
+
+def sample_seed(seed, epoch, index) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + index) % (2 ** 31)
+
+
+def _take_skipped(dataset) -> list[str]:
+    take = getattr(dataset, "take_skipped", None)
+    return take() if take is not None else []
+
+
+class SeededSamples(Dataset):
+    """Sample i of epoch e, augmented with its own seed in a private RNG scope, with the names of the unreadable
+    images skipped to make it: (sample, [names])."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -69,19 +99,102 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        s = (self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2 ** 31)
-        random.seed(s)
-        np.random.seed(s)
-        torch.manual_seed(s)
-        return self.dataset[i]
-
-    def __getattr__(self, name):  # collate_fn, bad-image counters, ... of the wrapped dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
+        with private_rng(sample_seed(self.seed, self.epoch, i)):
+            sample = self.dataset[i]
+        return sample, _take_skipped(self.dataset)
 
 
-# -- optimisation ---------------------------------------------------------------------------------------
+class SeededShards(IterableDataset):
+    """The same for a streaming dataset (webdataset shards): sample k of a reader's stream gets seed
+    (seed, epoch, reader, k), so a resumed stream repeats its augmentations."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        reader = dist.get_rank() * 1000 + (info.id if info else 0)
+        stream = iter(self.dataset)
+        for k in range(10 ** 12):
+            with private_rng(sample_seed(self.seed, self.epoch * 1009 + reader, k)):
+                sample = next(stream, None)
+            if sample is None:
+                return
+            yield sample, _take_skipped(self.dataset)
+
+
+class _Collate:
+    """The task's collate over the samples; the skipped names ride along: (batch, [names])."""
+
+    def __init__(self, collate_fn=None):
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, items):
+        samples, skipped = zip(*items)
+        return self.collate_fn(list(samples)), [name for names in skipped for name in names]
+
+
+class EpochData:
+    """Micro-batches of one epoch from a map-style dataset (ResumableSampler) or a stream (each rank reads its
+    own shards; a rank whose shards run short starts them again, so every rank takes the same steps)."""
+
+    def __init__(self, dataset, cfg, collate_fn, device):
+        self.cfg, self.device, self.collate = cfg, device, _Collate(collate_fn)
+        world, rank, b = dist.get_world_size(), dist.get_rank(), cfg.train_batch_size
+        self.streaming = isinstance(dataset, IterableDataset)
+        if self.streaming:
+            self.data, self.sampler = SeededShards(dataset, cfg.seed), None
+            self.micro_per_epoch = len(dataset) // (b * world)
+            if self.micro_per_epoch == 0:
+                raise ValueError(f"the shards hold {len(dataset)} samples: fewer than one global batch ({b} x {world})")
+        else:
+            self.data = SeededSamples(dataset, cfg.seed)
+            self.sampler = ResumableSampler(len(dataset), b, world, rank, shuffle=True, seed=cfg.seed)
+            self.micro_per_epoch = self.sampler.num_batches
+        self.source = dataset
+
+    def batches(self, epoch, start):
+        """Micro-batches from `start` on: (batch on the device, skipped image names)."""
+        self.data.epoch = epoch
+        if self.streaming:
+            if hasattr(self.source, "set_epoch"):
+                self.source.set_epoch(epoch)
+        else:
+            self.sampler.set_epoch(epoch, start)
+        loader = DataLoader(self.data, batch_size=self.cfg.train_batch_size, sampler=self.sampler,
+                            num_workers=self.cfg.num_workers, collate_fn=self.collate, drop_last=True,
+                            pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(self.cfg.seed))  # not the model's stream
+        if not self.streaming:
+            for batch, skipped in loader:
+                yield _to_device(batch, self.device), skipped
+            return
+        k = 0
+        while True:
+            empty = True
+            for batch, skipped in loader:
+                empty = False
+                if k >= start:  # a resumed stream reads past the batches already trained
+                    yield _to_device(batch, self.device), skipped
+                k += 1
+            if empty:
+                raise RuntimeError("the training shards yield no complete batch on this rank")
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+# -- optimisation -----------------------------------------------------------------------------------------------
 def build_optimizer(model, cfg):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -93,16 +206,6 @@ def build_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.init_lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def lr_at(cfg, epoch, step_in_epoch):
-    """The original schedules: pretraining = linear warmup (epoch 0) then per-epoch step decay;
-    fine-tuning = cosine per epoch."""
-    if cfg.task == "pretrain":
-        if epoch == 0 and cfg.warmup_steps > 0:
-            return min(cfg.init_lr, cfg.warmup_lr + (cfg.init_lr - cfg.warmup_lr) * step_in_epoch / cfg.warmup_steps)
-        return max(cfg.min_lr, cfg.init_lr * cfg.lr_decay_rate ** epoch)
-    return (cfg.init_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.max_epoch)) + cfg.min_lr
-
-
 def autocast(device, precision):
     if precision == "fp32":
         return nullcontext()
@@ -110,7 +213,19 @@ def autocast(device, precision):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-# -- checkpoints ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Progress:
+    """Where training is, in optimizer steps: what a task's alpha ramp and a schedule read."""
+    epoch: int
+    step: int              # optimizer step within the epoch
+    steps_per_epoch: int
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.step / self.steps_per_epoch
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------------
 def _rng_state():
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -152,7 +267,6 @@ def load_training_state(path, model, optimizer, scaler):
     return state["progress"]
 
 
-# -- the loop ------------------------------------------------------------------------------------------------
 class MetricsLog:
     """JSON lines, one object per event, written by rank 0."""
 
@@ -166,125 +280,162 @@ class MetricsLog:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
 
-def fit(model, objective, dataset, cfg, out_dir, *, collate_fn=None, evaluate=None, resume=None, device=None,
-        max_steps=None):
-    """Train `model` on `dataset` for cfg.max_epoch epochs. `evaluate(model, epoch) -> dict` runs after each
-    epoch (all ranks). `resume`: a checkpoint path or 'latest'. `max_steps` stops early (tests, smoke runs).
-    Returns the last epoch's metrics."""
-    out_dir = Path(out_dir)
+# -- the loop -------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the loop carries: the task, the bare model and the one to call for gradients (DDP-wrapped on several
+    ranks), the optimizer, the data and where training is."""
+    task: object
+    model: torch.nn.Module
+    forward: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    data: EpochData
+    device: torch.device
+    out_dir: Path
+    progress: dict = field(default_factory=lambda: {"epoch": 0, "step": 0, "global_step": 0, "skipped": []})
+    finite: torch.Tensor | None = None   # all losses finite since the last check (checked without a sync)
+
+    @property
+    def cfg(self):
+        return self.task.cfg
+
+    @property
+    def accum(self):
+        return max(1, self.cfg.grad_accum_steps)
+
+    @property
+    def steps_per_epoch(self):
+        return math.ceil(self.data.micro_per_epoch / self.accum)
+
+    def micro_steps(self, step):  # the epoch's last optimizer step may take fewer micro-batches
+        return min(self.accum, self.data.micro_per_epoch - step * self.accum)
+
+    @property
+    def checkpoint(self):
+        return self.out_dir / "checkpoint_latest.pt"
+
+
+def setup(task, model, dataset, out_dir, resume=None, device=None) -> Run:
+    cfg = task.cfg
     device = device or next(model.parameters()).device
-    world, rank = dist.get_world_size(), dist.get_rank()
     model.to(device)
     forward = model
-    if world > 1:
+    if dist.get_world_size() > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    accum = max(1, cfg.grad_accum_steps)
-
-    iterable = isinstance(dataset, IterableDataset)  # webdataset shards: each rank reads its own shards
-    if iterable:
-        seeded, sampler = dataset, None
-        steps_per_epoch = len(dataset) // (cfg.train_batch_size * world)
-    else:
-        seeded = SeededDataset(dataset, cfg.seed)
-        sampler = ResumableSampler(len(dataset), cfg.train_batch_size, world, rank, shuffle=True, seed=cfg.seed)
-        steps_per_epoch = sampler.num_batches
-    progress = {"epoch": 0, "batch": 0, "step": 0}
-    ckpt_path = out_dir / "checkpoint_latest.pt"
+    data = EpochData(dataset, cfg, getattr(task, "collate_fn", None), device)
+    run = Run(task, model, forward, optimizer, scaler, data, device, Path(out_dir),
+              finite=torch.ones((), dtype=torch.bool, device=device))
     if resume:
-        path = ckpt_path if resume == "latest" else Path(resume)
-        progress = load_training_state(path, model, optimizer, scaler)
-        log.info("resumed from %s at %s", path, progress)
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+        path = run.checkpoint if resume == "latest" else Path(resume)
+        run.progress = load_training_state(path, model, optimizer, scaler)
+        log.info("resumed from %s at %s", path, {k: v for k, v in run.progress.items() if k != "skipped"})
+    return run
+
+
+def forward_backward(run: Run, batch, progress: Progress, n_micro: int, last: bool) -> dict:
+    """One micro-batch: the task's losses, their weighted sum backpropagated (scaled by 1/n_micro)."""
+    weights = run.cfg.loss_weights or {}
+    sync = nullcontext() if (dist.get_world_size() == 1 or last) else run.forward.no_sync()
+    with sync:
+        with autocast(run.device, run.cfg.precision):
+            losses = {k: v for k, v in run.task.losses(run.forward, batch, progress).items() if k.startswith("loss")}
+        loss = sum(weights.get(k, 1.0) * v for k, v in losses.items())
+        run.finite &= torch.isfinite(loss.detach())
+        (run.scaler.scale(loss / n_micro) if run.scaler else loss / n_micro).backward()
+    return {k: v.detach().float() for k, v in losses.items()}
+
+
+def train_step(run: Run, batches, progress: Progress) -> tuple[float, dict]:
+    """One optimizer step over its micro-batches; returns (lr, this rank's losses averaged over micro-steps)."""
+    lr = SCHEDULES[run.task.schedule_name](run.cfg, progress.epoch, progress.step)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    run.task.begin_step(run.model, progress)
+    n = run.micro_steps(progress.step)
+    totals = {}
+    for j in range(n):
+        batch, skipped = next(batches)
+        run.progress["skipped"] += skipped
+        for k, v in forward_backward(run, batch, progress, n, last=j == n - 1).items():
+            totals[k] = totals.get(k, 0.0) + v / n
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    if run.cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return lr, totals
+
+
+def check_finite(run: Run, where: str):
+    """Raise on a non-finite loss since the last check (one host sync: done only at log and save points)."""
+    if not bool(dist.all_reduce_mean(run.finite.float()) == 1.0):
+        raise FloatingPointError(f"non-finite loss {where}; last good checkpoint: {run.checkpoint}")
+
+
+def log_step(run: Run, metrics_log, bar, lr, losses, progress: Progress):
+    """The step's losses, mean over ranks, read once (`.item()` only here)."""
+    keys = sorted(losses)
+    values = dist.all_reduce_mean(torch.stack([losses[k] for k in keys])).tolist() if keys else []
+    values = dict(zip(keys, values))
+    if dist.is_main():
+        bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
+    metrics_log.write(event="train", epoch=progress.epoch, step=run.progress["global_step"],
+                      step_in_epoch=progress.step, lr=lr, **values)
+    check_finite(run, f"in epoch {progress.epoch} by step {progress.step}")
+
+
+def end_of_epoch(run: Run, epoch: int, evaluate, metrics_log) -> dict:
+    check_finite(run, f"in epoch {epoch}")
+    skipped = [n for names in dist.all_gather_object(run.progress["skipped"]) for n in names]
+    run.progress = {"epoch": epoch + 1, "step": 0, "global_step": run.progress["global_step"], "skipped": []}
+    save_training_state(run.checkpoint, run.model, run.optimizer, run.scaler, dict(run.progress), run.cfg)
+    if dist.is_main():
+        save_weights(run.model, run.out_dir / "model.safetensors")
+    if skipped:
+        metrics_log.write(event="data", epoch=epoch, bad_images=len(skipped), bad_image_names=sorted(set(skipped)))
+        log.warning("epoch %d: %d samples skipped for an unreadable image: %s", epoch, len(skipped),
+                    sorted(set(skipped))[:20])
     metrics = {}
-    for epoch in range(progress["epoch"], cfg.max_epoch):
-        model.train()
-        if iterable:
-            dataset.set_epoch(epoch)
-        else:
-            seeded.epoch = epoch
-            sampler.set_epoch(epoch, progress["batch"])
-        loader = DataLoader(seeded, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                            collate_fn=collate_fn, drop_last=True, pin_memory=device.type == "cuda")
-        bar = range(progress["batch"], steps_per_epoch)
-        if dist.is_main():
-            from tqdm import tqdm
-            bar = tqdm(bar, desc=f"epoch {epoch}", dynamic_ncols=True)
-        batches = _cycle(loader) if iterable else iter(loader)
-        for _ in range(progress["batch"] if iterable else 0):  # shards resume by reading past the done batches
-            next(batches)
-        for i in bar:
-            batch = _to_device(next(batches), device)
-            lr = lr_at(cfg, epoch, i)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            last_micro = (i + 1) % accum == 0 or i + 1 == steps_per_epoch
-            sync = nullcontext() if (world == 1 or last_micro) else forward.no_sync()
-            with sync:
-                with autocast(device, cfg.precision):
-                    losses = objective(forward, model, batch, epoch, i, steps_per_epoch)
-                weights = cfg.loss_weights or {}
-                loss = sum(weights.get(k, 1.0) * v for k, v in losses.items() if k.startswith("loss"))
-                losses = {k: v.detach() for k, v in losses.items() if k.startswith("loss")}
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss at epoch {epoch} batch {i}: "
-                        f"{ {k: float(v) for k, v in losses.items()} }; last good checkpoint: {ckpt_path}")
-                (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-            if last_micro:
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress["step"] += 1
-            progress["batch"] = i + 1
-            values = {k: v.item() for k, v in losses.items() if k.startswith("loss")}
-            if dist.is_main():
-                bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
-            if i % cfg.log_every == 0 or i + 1 == steps_per_epoch:
-                metrics_log.write(event="train", epoch=epoch, batch=i, step=progress["step"], lr=lr, **values)
-            if cfg.save_every_steps and last_micro and progress["step"] % cfg.save_every_steps == 0:
-                save_training_state(ckpt_path, model, optimizer, scaler, dict(progress), cfg)
-            if max_steps is not None and progress["step"] >= max_steps:
-                return metrics
-        progress = {"epoch": epoch + 1, "batch": 0, "step": progress["step"]}
-        save_training_state(ckpt_path, model, optimizer, scaler, dict(progress), cfg)
-        if dist.is_main():
-            save_weights(model, out_dir / "model.safetensors")
-        if evaluate is not None:
-            metrics = evaluate(model, epoch) or {}
-            metrics_log.write(event="eval", epoch=epoch, **metrics)
-            model.train()
-        bad = getattr(dataset, "bad_images", None)
-        if bad:
-            metrics_log.write(event="data", epoch=epoch, bad_images=len(bad))
+    if evaluate is not None:
+        metrics = evaluate(run.model, epoch) or {}
+        metrics_log.write(event="eval", epoch=epoch, **metrics)
+        run.model.train()
     return metrics
 
 
-def _cycle(loader):
-    """Every rank must take the same number of steps; a rank whose shards run short starts them again."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise RuntimeError("the training shards yield no complete batch on this rank")
-
-
-def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
+def fit(task, model, dataset, out_dir, *, evaluate=None, resume=None, device=None, max_steps=None) -> dict:
+    """Train `model` on `dataset` for task.cfg.max_epoch epochs. `evaluate(model, epoch) -> dict` runs after each
+    epoch (all ranks). `resume`: a checkpoint path or 'latest'. `max_steps` stops after that many optimizer steps
+    (tests, smoke runs). Returns the last epoch's metrics."""
+    run = setup(task, model, dataset, out_dir, resume, device)
+    cfg, metrics_log, metrics = run.cfg, MetricsLog(run.out_dir / "metrics.jsonl"), {}
+    for epoch in range(run.progress["epoch"], cfg.max_epoch):
+        model.train()
+        first = run.progress["step"]
+        batches = run.data.batches(epoch, first * run.accum)
+        bar = range(first, run.steps_per_epoch)
+        if dist.is_main():
+            from tqdm import tqdm
+            bar = tqdm(bar, desc=f"epoch {epoch}", dynamic_ncols=True)
+        for step in bar:
+            progress = Progress(epoch, step, run.steps_per_epoch)
+            lr, losses = train_step(run, batches, progress)
+            run.progress.update(step=step + 1, global_step=run.progress["global_step"] + 1)
+            if step % cfg.log_every == 0 or step + 1 == run.steps_per_epoch:
+                log_step(run, metrics_log, bar, lr, losses, progress)
+            if cfg.save_every_steps and run.progress["global_step"] % cfg.save_every_steps == 0:
+                check_finite(run, f"in epoch {epoch} by step {step}")
+                save_training_state(run.checkpoint, model, run.optimizer, run.scaler, dict(run.progress), cfg)
+            if max_steps is not None and run.progress["global_step"] >= max_steps:
+                return metrics
+        metrics = end_of_epoch(run, epoch, evaluate, metrics_log)
+    return metrics

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, Subset
 from . import distributed as dist
 from .checkpoint import atomic_write
 from .metrics import accuracy, caption_scores, retrieval_recall, vqa_accuracy
-from .tokenizer import ENC_ID
 
 
 @torch.no_grad()
@@ -45,7 +44,7 @@ def evaluate_retrieval(model, dataset, k_test=256, batch_size=64, num_workers=0,
     was_training = model.training
     model.eval()
     image_embeds, image_feat, ids, mask, text_feat = retrieval_features(model, dataset, batch_size, num_workers)
-    ids[:, 0] = ENC_ID
+    ids[:, 0] = model.itm_first_token  # [ENC] for the retrieval and pretraining models' re-rank
     sims = image_feat @ text_feat.t()
     world, rank = dist.get_world_size(), dist.get_rank()
 

@@ -1,12 +1,15 @@
-"""What every entry script does before training: flags → config, distributed init, seeds, output folder,
-logging, and (for the offline default) the shapes world generated once."""
+"""The shared runner every entry script calls: flags → config → distributed init, seeds, output folder, logging →
+the task's model → fine-tune with the engine (or --evaluate only) → evaluations, the best epoch kept, a loss plot.
+
+    def main(argv=None):                      # an entry script, whole
+        return run(CaptionTask, argv, prepare=ensure_shapes_world)
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import math
-import os
 import random
 from pathlib import Path
 
@@ -17,12 +20,15 @@ from . import distributed as dist
 from .config import add_config_args, config_from_args, save_config
 
 
-def start_run(description: str, argv=None):
-    """-> (args, cfg, device, out_dir)."""
+def start_run(description: str, argv=None, prepare=None):
+    """-> (args, cfg, device, out). `prepare(cfg)` makes data the config describes (the offline shapes world)."""
     args = add_config_args(argparse.ArgumentParser(description=description)).parse_args(argv)
     cfg = config_from_args(args)
     _, _, _, device = dist.init_distributed(args.device)
-    seed = cfg.seed + dist.get_rank()
+    if cfg.deterministic:
+        from .determinism import enable_deterministic
+        enable_deterministic(device)
+    seed = cfg.seed + dist.get_rank()  # the model's stream (dropout, ITM negatives); augmentations have their own
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -32,68 +38,70 @@ def start_run(description: str, argv=None):
         save_config(cfg, out / "config.yaml")
     logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if cfg.shapes:
-        ensure_shapes_world(cfg.shapes)
+    if prepare is not None:
+        prepare(cfg)
     return args, cfg, device, out
 
 
-def train_transform_for(cfg, default_scale=(0.5, 1.0)):
-    """The original training transform with the config's crop scale, flip and RandAugment switch."""
-    from data.transforms import train_transform
-    return train_transform(cfg.image_size, scale=tuple(cfg.crop_scale or default_scale), hflip=cfg.hflip,
-                           randaugment=cfg.randaugment)
-
-
-def ensure_shapes_world(spec: dict) -> dict:
-    """Generate the shapes world described by `spec` (generate_shapes_world's arguments) unless the same
-    one is already on disk; rank 0 writes, the others wait."""
-    from data.shapes import VERSION, generate_shapes_world
-    out = Path(spec["out_dir"])
-    stamp, written = out / "spec.json", dict(spec, version=VERSION)
-    if dist.is_main() and not (stamp.exists() and json.loads(stamp.read_text()) == written):
-        generate_shapes_world(**spec)
-        stamp.write_text(json.dumps(written))
-    dist.barrier()
-    return json.loads((out / "manifest.json").read_text())
-
-
-# Annotation file of each dataset's split under cfg.ann_root (the original names; the shapes world's
-# Karpathy-style files drop the 'coco_' prefix). Caption ground truth: split 'val_gt' / 'test_gt' under
-# cfg.coco_gt_root.
-ANN_FILES = {"coco": "coco_karpathy_{}.json", "flickr": "flickr30k_{}.json", "shapes": "karpathy_{}.json",
-             "nocaps": "nocaps_{}.json", "vqa": "vqa_{}.json", "nlvr": "nlvr_{}.json"}
-
-
-def ann_file(cfg, dataset: str, split: str, root: str | None = None) -> str:
-    return os.path.join(cfg.ann_root if root is None else root, ANN_FILES[dataset].format(split))
-
-
-def finetune(args, cfg, out, model, objective, train_set, evaluations, *, best=None, eval_every_epoch=True,
-             collate_fn=None, device=None) -> dict:
-    """Fine-tune `model` with the engine, evaluating after each epoch (or only after the last), or with
-    --evaluate evaluate only. `train_set()` builds the training data (not needed with --evaluate);
-    `evaluations` maps a split name to `fn(model) -> metrics`, reported as '<split>_<metric>'; `best(metrics)`
-    picks the epoch whose weights are kept as model_best.safetensors. Prints and returns the metrics."""
+def evaluator(task, out: Path):
+    """fn(model, epoch) -> metrics: the task's evaluations ('<split>_<metric>'), keeping the best epoch's weights."""
     from .checkpoint import save_weights
-    from .engine import fit
     best_seen = [-math.inf]
+    evaluations = {}
 
-    def evaluate(m, epoch):
-        if not eval_every_epoch and 0 <= epoch < cfg.max_epoch - 1:
+    def evaluate(model, epoch):
+        if not task.eval_every_epoch and 0 <= epoch < task.cfg.max_epoch - 1:
             return {}
-        metrics = {f"{split}_{k}": v for split, fn in evaluations.items() for k, v in fn(m).items()}
-        if best is not None and epoch >= 0 and best(metrics) > best_seen[0]:
-            best_seen[0] = best(metrics)
+        if not evaluations:  # built once, on first use (an evaluation set may take a while to index)
+            evaluations.update(task.evaluations(model, out))
+        metrics = {f"{split}_{k}" if split else k: v for split, fn in evaluations.items() for k, v in fn(model).items()}
+        score = task.best(metrics) if metrics and epoch >= 0 else None
+        if score is not None and score > best_seen[0]:
+            best_seen[0] = score
             if dist.is_main():
-                save_weights(m, out / "model_best.safetensors")
+                save_weights(model, out / "model_best.safetensors")
         return metrics
 
+    return evaluate
+
+
+def run(task_cls, argv=None, *, prepare=None) -> dict:
+    """Train (or with --evaluate, evaluate) `task_cls` as the flags say; prints and returns the last metrics."""
+    from .engine import fit
+    args, cfg, device, out = start_run((task_cls.__doc__ or task_cls.__name__).strip(), argv, prepare)
+    task = task_cls(cfg)
+    model = task.build_model().to(device)
+    evaluate = evaluator(task, out)
     if args.evaluate:
         metrics = evaluate(model, -1)
     else:
-        metrics = fit(model, objective, train_set(), cfg, out, evaluate=evaluate, resume=args.resume, device=device,
-                      collate_fn=collate_fn)
-    if dist.is_main() and metrics:
-        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1))
+        metrics = fit(task, model, task.train_data(model), out, evaluate=evaluate, resume=args.resume, device=device)
+    if dist.is_main():
+        if metrics:
+            print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1))
+        plot_losses(out / "metrics.jsonl", out / "loss_curve.png")
     dist.cleanup()
     return metrics
+
+
+def plot_losses(log_file, png):
+    """Loss curves from the JSON-lines log (one line per logged optimizer step)."""
+    if not Path(log_file).exists():
+        return
+    rows = [json.loads(line) for line in open(log_file)]
+    rows = [r for r in rows if r.get("event") == "train"]
+    if not rows:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({k for r in rows for k in r if k.startswith("loss")}):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -336,6 +337,23 @@ def generate_shapes_world(out_dir, n_train=1000, n_val=100, n_test=100, image_si
     out = {name: os.path.join(os.path.abspath(out_dir), f) for name, f in files.items()}
     out["root"] = os.path.abspath(out_dir)
     return out
+
+
+def ensure_shapes_world(cfg) -> dict | None:
+    """The entry scripts' `prepare`: generate the shapes world a config describes (`shapes:`, the arguments of
+    generate_shapes_world) unless the same one is on disk; rank 0 writes, the others wait. Accepts a Config or
+    the `shapes` dict itself; returns the manifest (None when the config describes no world)."""
+    from blip import distributed as dist
+    spec = cfg if isinstance(cfg, dict) else cfg.shapes
+    if not spec:
+        return None
+    out = Path(spec["out_dir"])
+    stamp, written = out / "spec.json", dict(spec, version=VERSION)
+    if dist.is_main() and not (stamp.exists() and json.loads(stamp.read_text()) == written):
+        generate_shapes_world(**spec)
+        stamp.write_text(json.dumps(written))
+    dist.barrier()
+    return json.loads((out / "manifest.json").read_text())
 
 
 def main(argv=None):

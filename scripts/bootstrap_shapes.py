@@ -60,21 +60,6 @@ def weights(out: Path) -> str:
     return str(best if best.exists() else out / "model.safetensors")
 
 
-def full_checkpoint(path: Path) -> Path:
-    """The pretraining weights with every tied tensor under each of its names, as an original-style .pth.
-
-    Our safetensors store a tensor shared by the tied text encoder and decoder once (under text_encoder.*);
-    loading that file into the caption model (decoder only) then misses the decoder's shared weights. The
-    .pth keeps both names, as the original model_base.pth does."""
-    import torch
-
-    import blip
-    out = path.with_name(path.stem + "_full.pth")
-    if not out.exists():
-        torch.save({"model": blip.load_model("pretrain", path).state_dict()}, out)
-    return out
-
-
 def caption_truth(capfilt_dir: Path, world: Path, threshold: float) -> dict:
     """Checked against the world's scenes: how many web and synthetic captions are true, before and after the
     filter (every candidate and its score is in the shards)."""
@@ -128,7 +113,7 @@ def main(argv=None):
     data = [f"shapes.out_dir={world}", f"image_root={world}", f"ann_root={world}", f"coco_gt_root={world}"]
     noisy = run_step("1/5 pretrain on noisy pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_noisy",
                      [*data, f"train_file=[{world / 'pretrain.json'}]"], a)
-    init = f"pretrained={full_checkpoint(noisy / 'model.safetensors')}"
+    init = f"pretrained={noisy / 'model.safetensors'}"  # the alias map restores the decoder's tied weights
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # the two fine-tunes are independent
         cap = pool.submit(run_step, "2/5 fine-tune captioner", "train_caption.py", "shapes_caption.yaml",
                           out / "captioner", [*data, init], a)

@@ -1,46 +1,50 @@
-"""torchrun worker: train the tiny NLVR2 model a few steps and save its final weights (rank 0)."""
+"""torchrun worker for the engine tests: `nlvr OUT BATCH` trains the tiny NLVR2 model and saves its final weights;
+`negatives OUT 0` trains with ITM negatives drawn over both ranks; `ranklog OUT 2` logs a loss that differs per
+rank and micro-step."""
 import sys
 
 import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__) + "/..")
-import blip  # noqa: E402
 from blip import distributed as dist  # noqa: E402
 from blip.engine import fit  # noqa: E402
-from blip.tasks import NLVRObjective, model_options  # noqa: E402
-from tests._tiny import PairData, tiny_config  # noqa: E402
+from blip.tasks import NLVRTask, PretrainTask, RetrievalTask  # noqa: E402
+from tests._tiny import PairData, tiny_config, tiny_model  # noqa: E402
 
 
-def all_rank_negatives(out_dir):
-    """Pretraining and retrieval with ITM negatives drawn over both ranks' batches."""
-    from blip.tasks import PretrainObjective, RetrievalObjective
-    from tests._tiny import PairData as P
-    _, _, _, device = dist.init_distributed("cpu")
-    for task, objective in (("pretrain", PretrainObjective(0.4)), ("retrieval", RetrievalObjective(0.4))):
-        cfg = tiny_config(task=task, batch_size=4, max_epoch=1, queue_size=16, negative_all_rank=True, seed=3)
-        model = blip.load_model(task, **model_options(cfg))
-        data = P(16) if task == "pretrain" else IndexedPairs(16)
-        fit(model, objective, data, cfg, f"{out_dir}/{task}", device=device)
-    dist.cleanup()
-
-
-class IndexedPairs(PairData):
-    def __getitem__(self, i):
-        return (*super().__getitem__(i), i // 2)  # two captions per image index
-
-
-def main(out_dir, batch):
-    if batch == 0:
-        return all_rank_negatives(out_dir)
-    _, _, _, device = dist.init_distributed("cpu")
+def nlvr(out_dir, batch, device):
     cfg = tiny_config(task="nlvr", batch_size=batch, max_epoch=1, init_lr=1e-3, num_workers=0, seed=3)
-    torch.manual_seed(0)
-    model = blip.load_model("nlvr", **model_options(cfg))
-    fit(model, NLVRObjective(), PairData(32, "nlvr"), cfg, out_dir, device=device)
+    model = tiny_model(NLVRTask, cfg)
+    fit(NLVRTask(cfg), model, PairData(32, "nlvr"), out_dir, device=device)
     if dist.is_main():
         torch.save(model.state_dict(), f"{out_dir}/final.pt")
-    dist.cleanup()
+
+
+def negatives(out_dir, batch, device):
+    """Pretraining and retrieval with ITM negatives drawn over both ranks' batches."""
+    for task_cls, kind in ((PretrainTask, "pretrain"), (RetrievalTask, "retrieval")):
+        cfg = tiny_config(task=kind, batch_size=4, max_epoch=1, queue_size=16, negative_all_rank=True, seed=3)
+        fit(task_cls(cfg), tiny_model(task_cls, cfg), PairData(16, kind), f"{out_dir}/{kind}", device=device)
+
+
+class RankLoss(NLVRTask):
+    """NLVR2's loss, plus a logged term 10·rank + micro-step index (weight 0: it trains nothing)."""
+    micro = 0
+
+    def losses(self, forward, batch, progress):
+        out = super().losses(forward, batch, progress)
+        out["loss_rank"] = out["loss_nlvr"].detach() * 0 + 10 * dist.get_rank() + self.micro % 2
+        self.micro += 1
+        return out
+
+
+def ranklog(out_dir, accum, device):
+    cfg = tiny_config("loss_weights={loss_rank: 0.0}", task="nlvr", batch_size=2, grad_accum_steps=accum,
+                      max_epoch=1, log_every=1, seed=3)
+    fit(RankLoss(cfg), tiny_model(NLVRTask, cfg), PairData(16, "nlvr"), out_dir, device=device)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    _, _, _, dev = dist.init_distributed("cpu")
+    {"nlvr": nlvr, "negatives": negatives, "ranklog": ranklog}[sys.argv[1]](sys.argv[2], int(sys.argv[3]), dev)
+    dist.cleanup()

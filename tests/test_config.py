@@ -1,4 +1,5 @@
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -20,35 +21,38 @@ def test_every_config_loads():
 
 def test_original_values():
     c = load_config(CONFIGS[0].parent / "retrieval_coco.yaml")
-    assert (c.image_size, c.batch_size_train, c.batch_size_test, c.k_test, c.negative_all_rank,
-            c.vit_grad_ckpt, c.vit_ckpt_layer, c.init_lr, c.min_lr, c.max_epoch, c.queue_size) == \
+    m = c.model
+    assert (m["image_size"], c.batch_size_train, c.batch_size_test, c.k_test, m["negative_all_rank"],
+            m["vit_grad_ckpt"], m["vit_ckpt_layer"], c.init_lr, c.min_lr, c.max_epoch, m["queue_size"]) == \
         (384, 32, 64, 256, True, True, 4, 1e-5, 0.0, 6, 57600)
     f = load_config(CONFIGS[0].parent / "retrieval_flickr.yaml")
-    assert (f.k_test, f.negative_all_rank) == (128, False)
+    assert (f.k_test, f.model["negative_all_rank"]) == (128, False)
     p = load_config(CONFIGS[0].parent / "pretrain.yaml")
-    assert (p.image_size, p.batch_size, p.init_lr, p.warmup_lr, p.lr_decay_rate, p.warmup_steps,
+    assert (p.model["image_size"], p.batch_size, p.init_lr, p.warmup_lr, p.lr_decay_rate, p.warmup_steps,
             p.max_epoch) == (224, 75, 3e-4, 1e-6, 0.9, 3000, 20)
     v = load_config(CONFIGS[0].parent / "vqa.yaml")
-    assert (v.image_size, v.train_batch_size, v.test_batch_size, v.init_lr, v.inference,
+    assert (v.model["image_size"], v.train_batch_size, v.test_batch_size, v.init_lr, v.inference,
             v.train_files) == (480, 16, 32, 2e-5, "rank", ["vqa_train", "vqa_val", "vg_qa"])
     cap = load_config(CONFIGS[0].parent / "caption_coco.yaml")
-    assert (cap.prompt, cap.max_length, cap.min_length, cap.num_beams, cap.train_batch_size) == \
+    assert (cap.model["prompt"], cap.max_length, cap.min_length, cap.num_beams, cap.train_batch_size) == \
         ("a picture of ", 20, 5, 3, 32)
     n = load_config(CONFIGS[0].parent / "nlvr.yaml")
     assert (n.init_lr, n.max_epoch, n.train_batch_size, n.test_batch_size) == (3e-5, 15, 16, 64)
 
 
 def test_shapes_configs_are_tiny_and_consistent():
+    from blip.models import ModelConfig
     sizes = set()
     for p in CONFIGS:
-        if p.stem.startswith("shapes_"):
+        if p.stem.startswith("shapes_") and p.stem != "shapes_capfilt":  # CapFilt's models bring their sizes
             c = load_config(p)
-            assert c.image_size <= 64 and c.vision_width <= 192 and c.vision_depth <= 4
-            assert c.image_size % c.patch_size == 0 and c.vision_width % c.vision_heads == 0
-            assert c.med_config["hidden_size"] <= 128 and c.med_config["num_hidden_layers"] <= 4
-            assert c.queue_size % c.train_batch_size == 0 and c.queue_size % (2 * c.train_batch_size) == 0
-            if p.stem != "shapes_main":  # the bootstrapping family passes checkpoints along: one size
-                sizes.add((c.image_size, c.patch_size, c.vision_width, c.vision_depth, c.med_config["hidden_size"]))
+            m = ModelConfig.from_overrides(**c.model)
+            assert c.model.get("preset") == "tiny", p  # sizes as data, not written by hand
+            assert m.image_size <= 64 and m.vision_width <= 192 and m.vision_depth <= 4
+            assert m.image_size % m.patch_size == 0 and m.vision_width % m.vision_heads == 0
+            assert m.med_config["hidden_size"] <= 128 and m.med_config["num_hidden_layers"] <= 4
+            assert m.queue_size % c.train_batch_size == 0 and m.queue_size % (2 * c.train_batch_size) == 0
+            sizes.add((m.image_size, m.patch_size, m.vision_width, m.vision_depth, m.med_config["hidden_size"]))
     assert len(sizes) == 1, sizes
 
 
@@ -65,10 +69,10 @@ def test_overrides_are_yaml_scalars():
     c = load_config(None, ["init_lr=1e-4", "vit_grad_ckpt=true", "max_epoch=3", "min_lr=0",
                            "prompt='a photo of '", "train_files=[a, b]", "grad_clip=1",
                            "med_config.num_hidden_layers=2", "pretrained="])
-    assert c.init_lr == 1e-4 and c.vit_grad_ckpt is True and c.max_epoch == 3
+    assert c.init_lr == 1e-4 and c.model["vit_grad_ckpt"] is True and c.max_epoch == 3
     assert isinstance(c.min_lr, float) and c.grad_clip == 1.0 and isinstance(c.grad_clip, float)
-    assert c.prompt == "a photo of " and c.train_files == ["a", "b"]
-    assert c.med_config == {"num_hidden_layers": 2} and c.pretrained == ""
+    assert c.model["prompt"] == "a photo of " and c.train_files == ["a", "b"]
+    assert c.model["med_config"] == {"num_hidden_layers": 2} and c.pretrained == ""
     assert parse_override("k = v=w") == ("k", "v=w")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_override("init_lr")
@@ -84,8 +88,10 @@ def test_override_type_checks(override, err):
 
 def test_overrides_apply_after_the_file(tmp_path):
     c = load_config(CONFIGS[0].parent / "shapes_caption.yaml", ["med_config.num_hidden_layers=3"])
-    assert c.med_config == {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
-                            "intermediate_size": 256}
+    assert c.model["med_config"] == {"num_hidden_layers": 3}  # only what is set; the preset fills the rest
+    from blip.models import ModelConfig
+    assert ModelConfig.from_overrides(**c.model).med_config == {"hidden_size": 64, "num_hidden_layers": 3,
+                                                                "num_attention_heads": 2, "intermediate_size": 256}
 
 
 def test_save_load_round_trip(tmp_path):
@@ -108,12 +114,22 @@ def test_add_config_args():
     assert plain.overrides == [] and not plain.evaluate and plain.resume is None
 
 
-def test_config_covers_the_model_options():
-    # Every ModelConfig option can be set from a YAML file (the engine passes them through).
+def test_model_options_come_from_one_description(tmp_path):
+    # Every ModelConfig option is a config key, kept only when set: nothing repeats or defaults them here.
     from dataclasses import fields
     from blip.models import ModelConfig
-    missing = {f.name for f in fields(ModelConfig)} - {f.name for f in fields(Config)}
-    assert not missing
+    names = {f.name for f in fields(ModelConfig)}
+    assert not names & {f.name for f in fields(Config)}
+    defaults = ModelConfig().to_dict()
+    file = tmp_path / "all.yaml"
+    file.write_text("".join(f"{n}: {json.dumps(v)}\n" for n, v in defaults.items()))
+    assert load_config(file).model == defaults and load_config(None).model == {}
+    bad = tmp_path / "x.yaml"
+    bad.write_text("vision_widht: 8\n")
+    with pytest.raises(ValueError, match="did you mean 'vision_width'"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="preset"):
+        load_config(None, ["preset=huge"])
 
 
 def test_shapes_section_fits_the_generator():
@@ -124,5 +140,8 @@ def test_shapes_section_fits_the_generator():
         if p.stem.startswith("shapes_"):
             c = load_config(p)
             assert set(c.shapes) <= set(params), p
-            assert c.shapes["image_size"] == c.image_size
+            if p.stem == "shapes_capfilt":
+                continue
+            from blip.models import ModelConfig
+            assert c.shapes["image_size"] == ModelConfig.from_overrides(**c.model).image_size
             assert c.k_test <= len(shapes.answer_list()) or c.task != "vqa"

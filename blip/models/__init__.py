@@ -1,5 +1,5 @@
 """One class per task model; `TASKS` maps the task name to it (a plain dict: no registry magic)."""
-from .base import BlipModel, ModelConfig
+from .base import PRESETS, BlipModel, ModelConfig
 from .caption import BlipCaption
 from .nlvr import BlipNLVR
 from .retrieval import BlipITM, BlipPretrain, BlipRetrieval

@@ -34,12 +34,24 @@ class ModelConfig:
     prompt: str = "a picture of "
 
     @classmethod
-    def from_overrides(cls, **kw) -> "ModelConfig":
+    def from_overrides(cls, stored: dict | None = None, **options) -> "ModelConfig":
+        """The one model description: the defaults, then the `preset` (a name in PRESETS: the size a model has
+        when no checkpoint describes one), then a checkpoint's `stored` description, then the user's own keys.
+        `med_config` dicts merge key by key."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kw) - known)
+        unknown = sorted(set(options) - known - {"preset"})
         if unknown:
-            raise TypeError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
-        return cls(**kw)
+            raise TypeError(f"unknown model option(s) {unknown}; known: {sorted(known | {'preset'})}")
+        preset = options.pop("preset", None)
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+        merged: dict = {}
+        for layer in (PRESETS.get(preset, {}), stored or {}, options):
+            for k, v in layer.items():
+                if k == "med_config" and isinstance(v, dict) and isinstance(merged.get(k), dict):
+                    v = {**merged[k], **v}
+                merged[k] = v
+        return cls(**{k: v for k, v in merged.items() if k in known})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +73,20 @@ class ModelConfig:
         # bert_config.json says 30522; the original resizes the embeddings to the tokenizer's 30524 ([DEC], [ENC])
         cfg.vocab_size = max(cfg.vocab_size, VOCAB_SIZE)
         return cfg
+
+
+# Named sizes (open_clip's model_configs, as data). `tiny` is the offline shapes world's model (every
+# configs/shapes_*.yaml); `micro` the unit tests' smallest model.
+PRESETS: dict[str, dict] = {
+    "base": dict(vit="base"),
+    "large": dict(vit="large"),
+    "tiny": dict(image_size=32, patch_size=4, vision_width=64, vision_depth=2, vision_heads=2, embed_dim=32,
+                 med_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)),
+    "micro": dict(image_size=32, patch_size=16, vision_width=24, vision_depth=1, vision_heads=2, embed_dim=8,
+                  drop_path_rate=0.0,
+                  med_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+}
 
 
 class BlipModel(nn.Module):

@@ -36,11 +36,14 @@ class BlipCaption(BlipModel):
 
     @torch.no_grad()
     def generate(self, pixel_values, num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0,
-                 sample=False, top_p=0.9, top_k=50, prompt=None, generator=None, return_ids=False):
+                 sample=False, top_p=0.9, top_k=50, prompt=None, generator=None, return_ids=False, num_captions=1):
         """Captions (the prompt cut off their front, as the original). Beam search, or nucleus sampling
-        with `sample=True` (the original used repetition_penalty 1.1 there). max_length counts the prompt."""
+        with `sample=True` (the original used repetition_penalty 1.1 there). max_length counts the prompt.
+        `num_captions` per image (sampling): image i's are items i*n ... i*n + n-1 of the list."""
         prompt = self.cfg.prompt if prompt is None else prompt
         image_embeds = self.visual_encoder(pixel_values)
+        if num_captions > 1:
+            image_embeds = image_embeds.repeat_interleave(num_captions, dim=0)
         ids = generate_ids(self.text_decoder, image_embeds, self.prompt_ids(prompt, len(image_embeds)),
                            num_beams=num_beams, max_length=max_length, min_length=min_length,
                            repetition_penalty=repetition_penalty, sample=sample, top_p=top_p, top_k=top_k,

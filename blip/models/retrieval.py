@@ -54,10 +54,14 @@ class BlipITM(BlipModel):
 
     # -- inference API ----------------------------------------------------------------------------
     @torch.no_grad()
-    def itm_score(self, pixel_values, texts):
-        """Match probability of image i with text i."""
+    def itm_score(self, pixel_values, texts, image_index=None, first_token=None):
+        """Match probability of text i with image i, or with image image_index[i] (the ViT runs once per image
+        however many texts it has). `first_token`: [CLS] or [ENC] in place of the model's own (itm_first_token)."""
         image_embeds = self.visual_encoder(pixel_values)
-        ids, mask = self.tokenize(texts, max_length=self.text_max_length, first_token=self.itm_first_token)
+        if image_index is not None:
+            image_embeds = image_embeds[torch.as_tensor(image_index, device=image_embeds.device)]
+        first = self.itm_first_token if first_token is None else first_token
+        ids, mask = self.tokenize(texts, max_length=self.text_max_length, first_token=first)
         return self.itm_logits(image_embeds, ids, mask).float().softmax(-1)[:, 1]
 
     @torch.no_grad()
@@ -92,7 +96,7 @@ class BlipITM(BlipModel):
         if text_feat is None:
             text_ids, text_mask, text_feat = self.text_features(texts)
         text_ids = text_ids.clone()
-        text_ids[:, 0] = ENC_ID
+        text_ids[:, 0] = self.itm_first_token
         sims = image_feat @ text_feat.t()
         n_img, n_txt = sims.shape
         score_i2t = self.rerank(sims, k_test, image_embeds, text_ids, text_mask, queries_are_images=True,
@@ -164,7 +168,7 @@ class _Contrastive(MomentumMixin, BlipITM):
     def _itm(self, image_embeds, ids, mask, weights_fn, hard_negatives, all_rank, generator=None):
         """ITM loss; negatives drawn by `weights_fn()` -> (w_t2i, w_i2t) unless `hard_negatives` given."""
         ids = ids.clone()
-        ids[:, 0] = ENC_ID
+        ids[:, 0] = self.itm_first_token
         neg = {}
         if all_rank:  # gathered ids must share one width across ranks
             pad = self.text_max_length - ids.shape[1]

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from blip.tokenizer import pre_caption, pre_question
+from .tokenizer import pre_caption, pre_question
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -65,6 +65,13 @@ class SkipsBadImages:
     def _init_skips(self):
         self.bad_images: list[str] = []
         self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._recent: list[str] = []
+
+    def take_skipped(self) -> list[str]:
+        """Names of the images skipped (in this process) since the last call. The trainer calls it after every
+        sample, in whichever worker made it, and carries the names to the main process with the batch."""
+        out, self._recent = self._recent, []
+        return out
 
     @property
     def num_skipped(self) -> int:
@@ -78,6 +85,7 @@ class SkipsBadImages:
                 img = img.convert("RGB")  # decodes now, so a truncated file fails here
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             self._skipped += 1
+            self._recent.append(name)
             if name not in self.bad_images:
                 self.bad_images.append(name)
                 log.warning("skipping unreadable image %s (%s: %s)", name, type(e).__name__, e)

@@ -1,0 +1,75 @@
+"""What a task is: one unit that the shared runner (`blip.run`) and engine (`blip.engine.fit`) drive.
+
+A task says how its model is built from the config, its training data and collate, its losses for a batch at a
+given point of training, what happens once per optimizer step (the momentum update), its evaluations, its
+default learning-rate schedule and the metric that picks the best epoch. Nothing else in the library knows a
+task's name: adding one is a task file, a config and a three-line entry script.
+"""
+from __future__ import annotations
+
+import os
+
+from .. import load_model
+from ..transforms import test_transform, train_transform
+
+
+class Task:
+    names: tuple[str, ...] = ()   # the config `task` values this task runs (a config without one runs any)
+    model_task = ""               # blip.load_model's task
+    schedule = "cosine"           # blip.schedules name; a config's `schedule:` overrides it
+    collate_fn = None             # the DataLoader's collate (None: torch's default)
+    eval_every_epoch = True       # False: evaluate after the last epoch only
+    crop_scale = (0.5, 1.0)       # RandomResizedCrop scale unless the config sets crop_scale
+    ann_files: dict[str, str] = {}  # dataset name -> annotation file pattern under ann_root ('{}' = the split)
+
+    def __init__(self, cfg):
+        if cfg.task and cfg.task not in self.names:
+            raise ValueError(f"the config's task is {cfg.task!r}, but {type(self).__name__} runs {self.names}: "
+                             f"use the entry script of that task or fix `task:`")
+        self.cfg = cfg
+
+    @property
+    def schedule_name(self) -> str:
+        return self.cfg.schedule or self.schedule
+
+    # -- model and data -------------------------------------------------------------------------------------------
+    def build_model(self):
+        """The task model: the checkpoint's stored description (if any), overridden by the config's model keys."""
+        model = load_model(self.model_task, self.cfg.pretrained or None, **self.cfg.model)
+        if model.cfg.text_grad_ckpt:
+            model.set_text_grad_ckpt(True)
+        return model
+
+    def train_transform(self, model):
+        cfg = self.cfg
+        return train_transform(model.cfg.image_size, scale=tuple(cfg.crop_scale or self.crop_scale), hflip=cfg.hflip,
+                               randaugment=cfg.randaugment)
+
+    def test_transform(self, model):
+        return test_transform(model.cfg.image_size)
+
+    def ann_file(self, dataset: str, split: str, root: str | None = None) -> str:
+        if dataset not in self.ann_files:
+            raise ValueError(f"{type(self).__name__}: dataset {dataset!r} unknown; choose from {sorted(self.ann_files)}")
+        return os.path.join(self.cfg.ann_root if root is None else root, self.ann_files[dataset].format(split))
+
+    def train_data(self, model):
+        raise NotImplementedError
+
+    # -- training ---------------------------------------------------------------------------------------------------
+    def begin_step(self, model, progress) -> None:
+        """Once per optimizer step, before its micro-batches (on the bare model)."""
+
+    def losses(self, forward, batch, progress) -> dict:
+        """Named losses of one micro-batch. `forward` is the model to call for gradients (DDP-wrapped on several
+        ranks; calling it runs the model's `losses`); `progress` (blip.engine.Progress) says where training is."""
+        raise NotImplementedError
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def evaluations(self, model, out_dir) -> dict:
+        """{split: fn(model) -> metrics}; reported as '<split>_<metric>' ('' reports the metrics as they are)."""
+        return {}
+
+    def best(self, metrics: dict) -> float | None:
+        """The number that picks the epoch kept as model_best.safetensors (None: keep none)."""
+        return None

@@ -1,0 +1,56 @@
+"""Captioning fine-tuning on COCO (Karpathy split): LM loss on 'a picture of ' + caption; beam-search captions scored
+(BLEU, METEOR, ROUGE-L, CIDEr, SPICE when available) on val and test after every epoch. `task: nocaps` only
+writes the result files the NoCaps server takes, one per split file present."""
+from __future__ import annotations
+
+import logging
+import os
+
+from ..datasets import CaptionEvalDataset, CaptionTrainDataset
+from ..evaluation import evaluate_caption
+from .base import Task
+
+log = logging.getLogger(__name__)
+
+
+class CaptionTask(Task):
+    names = ("caption", "nocaps")
+    model_task = "caption"
+    ann_files = {"coco": "coco_karpathy_{}.json", "shapes": "karpathy_{}.json", "nocaps": "nocaps_{}.json"}
+
+    @property
+    def nocaps(self) -> bool:
+        return self.cfg.task == "nocaps"
+
+    @property
+    def dataset(self) -> str:
+        return self.cfg.dataset or ("shapes" if self.cfg.shapes else "coco")
+
+    def train_data(self, model):
+        if self.nocaps:
+            raise SystemExit("NoCaps is evaluation only: pass --evaluate")
+        cfg = self.cfg
+        return CaptionTrainDataset(self.ann_file(self.dataset, "train"), cfg.image_root, self.train_transform(model),
+                                   max_words=cfg.max_words)
+
+    def losses(self, forward, batch, progress):
+        images, captions = batch[0], batch[1]
+        return forward(images, captions)
+
+    def evaluations(self, model, out_dir):
+        cfg, out = self.cfg, {}
+        for split in ("val", "test"):
+            path = self.ann_file("nocaps" if self.nocaps else self.dataset, split)
+            if self.nocaps and not os.path.exists(path):
+                log.warning("no %s: NoCaps %s skipped", path, split)
+                continue
+            images = CaptionEvalDataset(path, cfg.image_root, self.test_transform(model))
+            gt = None if self.nocaps else self.ann_file(self.dataset, f"{split}_gt", root=cfg.coco_gt_root)
+            out[split] = lambda m, d=images, gt=gt, split=split: evaluate_caption(
+                m, d, cfg, gt, result_file=os.path.join(out_dir, f"{split}_result.json"))
+        if not out:
+            raise SystemExit(f"nothing to evaluate: no NoCaps split file in {cfg.ann_root}")
+        return out
+
+    def best(self, metrics):
+        return None if self.nocaps else metrics["val_CIDEr"] + metrics["val_Bleu_4"]

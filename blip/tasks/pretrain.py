@@ -1,0 +1,39 @@
+"""Pretraining: ITC + ITM + LM on image-text pairs (JSON lists or webdataset shards), the original's warmup +
+step-decay schedule; on the offline shapes world, held-out retrieval recall after every epoch."""
+from __future__ import annotations
+
+import os
+
+from ..datasets import PretrainDataset, RetrievalEvalDataset, WebDatasetShards
+from ..evaluation import evaluate_retrieval
+from .base import Task
+
+
+class PretrainTask(Task):
+    names = ("pretrain",)
+    model_task = "pretrain"
+    schedule = "step"
+    crop_scale = (0.2, 1.0)  # pretraining crops down to 20%
+
+    def train_data(self, model):
+        cfg, transform = self.cfg, self.train_transform(model)
+        if any(str(f).endswith(".tar") for f in cfg.train_file):  # webdataset shards (globs allowed)
+            return WebDatasetShards(cfg.train_file, transform, max_words=cfg.max_words, shuffle=True, seed=cfg.seed)
+        return PretrainDataset(cfg.train_file, transform, max_words=cfg.max_words)
+
+    def begin_step(self, model, progress):
+        model.momentum_update()
+
+    def losses(self, forward, batch, progress):
+        images, captions = batch
+        # the original: alpha · min(1, (epoch · n + i) / (2n)), a ramp over the first two epochs
+        alpha = self.cfg.alpha * min(1.0, progress.epochs_done / 2)
+        return forward(images, captions, alpha=alpha)
+
+    def evaluations(self, model, out_dir):
+        if not self.cfg.shapes:
+            return {}
+        root = self.cfg.shapes["out_dir"]
+        gallery = RetrievalEvalDataset(os.path.join(root, "karpathy_test.json"), root, self.test_transform(model))
+        return {"": lambda m: evaluate_retrieval(m, gallery, k_test=self.cfg.k_test,
+                                                 batch_size=self.cfg.test_batch_size)}

@@ -1,0 +1,39 @@
+"""Image-text retrieval fine-tuning (COCO / Flickr30k Karpathy splits): ITC with the image-index queue + ITM on
+hard negatives; ITC top-k + ITM re-rank recall on val and test after every epoch, the best val r_mean kept."""
+from __future__ import annotations
+
+from ..datasets import RetrievalEvalDataset, RetrievalTrainDataset
+from ..evaluation import evaluate_retrieval
+from .base import Task
+
+
+class RetrievalTask(Task):
+    names = ("retrieval",)
+    model_task = "retrieval"
+    ann_files = {"coco": "coco_karpathy_{}.json", "flickr": "flickr30k_{}.json", "shapes": "karpathy_{}.json"}
+
+    def train_data(self, model):
+        cfg = self.cfg
+        return RetrievalTrainDataset(self.ann_file(cfg.dataset, "train"), cfg.image_root, self.train_transform(model),
+                                     max_words=cfg.max_words)
+
+    def begin_step(self, model, progress):
+        model.momentum_update()
+
+    def losses(self, forward, batch, progress):
+        images, captions, idx = batch
+        # the original: alpha ramps over the first epoch
+        alpha = self.cfg.alpha * min(1.0, progress.epochs_done)
+        return forward(images, captions, idx=idx, alpha=alpha)
+
+    def evaluations(self, model, out_dir):
+        cfg, out = self.cfg, {}
+        for split in ("val", "test"):
+            gallery = RetrievalEvalDataset(self.ann_file(cfg.dataset, split), cfg.image_root,
+                                           self.test_transform(model), max_words=cfg.max_words)
+            out[split] = lambda m, g=gallery: evaluate_retrieval(m, g, k_test=cfg.k_test, batch_size=cfg.test_batch_size,
+                                                                 num_workers=cfg.num_workers)
+        return out
+
+    def best(self, metrics):
+        return metrics["val_r_mean"]
