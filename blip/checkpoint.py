@@ -7,7 +7,7 @@ both shapes (the original's loader dropped it and left it random); the two excep
 are logged as warnings: pos_embed resized to the model's grid, and the VQA answer decoder's cross-attention
 K/V started fresh when the checkpoint's read another width. Missing weights are an error unless they are the
 task's fresh heads (`model.fresh_keys`); unexpected ones (a pretrained checkpoint carries heads this task
-lacks) are reported. Pickles are read with
+lacks) are reported. Missing momentum weights start as copies of the online ones. Pickles are read with
 `weights_only=True`.
 """
 from __future__ import annotations
@@ -242,6 +242,8 @@ def load_into(model, src, strict: bool | None = None) -> dict:
     reports it under 'mismatched'.
     Keys: strict=True: nothing missing or unexpected; None (default): missing keys allowed only among the task's
     fresh heads and the fresh K/V, unexpected keys reported; False: report only.
+    Momentum weights absent from the checkpoint start as copies of their (loaded) online counterparts; those
+    present keep their checkpoint values.
     Returns {'missing': [...], 'unexpected': [...], 'mismatched': [(key, ckpt shape, model shape)], 'meta': {}}.
     """
     sd, meta = read_state_dict(src)
@@ -267,11 +269,29 @@ def load_into(model, src, strict: bool | None = None) -> dict:
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if missing:
         log.info("%s: %d weights not in the checkpoint (fresh): %s", name, len(missing), _head(missing))
-        if hasattr(model, "copy_params") and any("_m." in k for k in missing):
-            model.copy_params()  # momentum encoders start as copies of the loaded online ones
+        copied = _copy_missing_momentum(model, missing)
+        if copied:
+            log.info("%s: %d momentum weight(s) start as copies of the online ones", name, len(copied))
     if unexpected:
         log.info("%s: %d checkpoint weights unused by %r: %s", name, len(unexpected), model.task, _head(unexpected))
     return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched, "meta": meta}
+
+
+@torch.no_grad()
+def _copy_missing_momentum(model, missing) -> list:
+    """Each missing momentum weight (`<name>_m.…` of a momentum encoder) := its online `<name>.…`; weights
+    the checkpoint had are left alone."""
+    names = set(getattr(model, "_momentum_names", ()))
+    own = model.state_dict()
+    copied = []
+    for k in missing:
+        head, _, rest = k.partition(".")
+        if head.endswith("_m") and head[:-2] in names:
+            online = f"{head[:-2]}.{rest}" if rest else head[:-2]
+            if online in own and own[online].shape == own[k].shape:
+                own[k].copy_(own[online])
+                copied.append(k)
+    return copied
 
 
 def _head(keys, n=8):

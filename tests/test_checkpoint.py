@@ -485,3 +485,24 @@ def test_only_the_vqa_answer_decoder_cross_kv_are_exempt():
     cap = blip.load_model("caption", sd, **overrides("caption"))
     assert torch.equal(cap.state_dict()[kv], sd[kv])
 
+
+# ------------------------------------------------------------------------------------- momentum encoders
+
+@pytest.mark.parametrize("task", ["retrieval", "pretrain"])
+def test_only_missing_momentum_weights_are_copied_from_the_online_ones(task):
+    sd = original_checkpoint(task)["model"]
+    gone = [k for k in sd if k.startswith(("visual_encoder_m.blocks.1.", "text_proj_m.", "text_encoder_m.encoder.layer.0."))]
+    assert len(gone) > 10
+    partial = {k: v for k, v in sd.items() if k not in gone}
+    info = load_into(blip.load_model(task, **overrides(task)), partial)
+    model = blip.load_model(task, partial, **overrides(task))
+    assert set(gone) <= set(info["missing"])
+    own = model.state_dict()
+    for k in own:
+        if "_m." not in k:
+            continue
+        online = k.replace("_m.", ".", 1)
+        if k in gone:
+            assert torch.equal(own[k], own[online]), k  # missing: the online weight
+        else:
+            assert torch.equal(own[k], sd[k]) and not torch.equal(own[k], own[online]), k  # present: kept
