@@ -2,9 +2,13 @@
 
 Loading maps a foreign layout onto our names (which are the original's), resizes the ViT position
 embeddings to the model's grid, twins NLVR2's cross-attention from a single-image checkpoint, then loads
-and reports what is missing or unexpected. Missing weights are an error unless they are the task's fresh
-heads (`model.fresh_keys`); unexpected ones (a pretrained checkpoint carries heads this task lacks) are
-reported. Pickles are read with `weights_only=True`.
+and reports what is missing or unexpected. A weight of another shape is refused, naming every such key and
+both shapes (the original's loader dropped it and left it random); the two exceptions the original relies on
+are logged as warnings: pos_embed resized to the model's grid, and the VQA answer decoder's cross-attention
+K/V started fresh when the checkpoint's read another width. Missing weights are an error unless they are the
+task's fresh heads (`model.fresh_keys`); unexpected ones (a pretrained checkpoint carries heads this task
+lacks) are reported. Missing momentum weights start as copies of the online ones. Pickles are read with
+`weights_only=True`.
 """
 from __future__ import annotations
 
@@ -143,15 +147,47 @@ def _read_file(path: Path):
     return obj, {}
 
 
-def adapt_state_dict(model, sd: dict, dropped: list | None = None) -> dict:
+# Cross-attention that reads text states, not the image: the VQA answer decoder attends to the question
+# encoder, so it stays text-wide beside any ViT. A checkpoint whose decoder read an image of another width
+# (a ViT-L pretraining checkpoint) has image-wide K/V there: those start fresh (the original's loader relies
+# on this). Every other cross-attention reads the image, so a K/V of another width means another vision width.
+_TEXT_CONTEXT_CROSS_ATTENTION = {"vqa": ("text_decoder.bert.",)}
+_CROSS_KV = re.compile(r"encoder\.layer\.\d+\.crossattention\.self\.(key|value)\.weight$")
+
+
+def _fresh_cross_kv(model, key: str, have: torch.Size, want: torch.Size) -> bool:
+    """True when `key` is a text-reading cross-attention K/V weight of the model's width (out features) whose
+    checkpoint tensor reads states of another width: it is dropped and starts fresh."""
+    prefixes = _TEXT_CONTEXT_CROSS_ATTENTION.get(getattr(model, "task", ""), ())
+    return (any(key.startswith(p) and _CROSS_KV.fullmatch(key[len(p):]) for p in prefixes)
+            and len(have) == len(want) == 2 and have[0] == want[0])
+
+
+def _shape(t) -> list:
+    return list(t.shape)
+
+
+def adapt_state_dict(model, sd: dict, dropped: list | None = None, mismatched: list | None = None) -> dict:
     """Fit a state dict (our names) to `model`: drop position_ids buffers, resize pos_embed, twin NLVR2
-    cross-attention, tie shared keys, drop keys whose shapes still differ (logged, and appended to `dropped`)."""
+    cross-attention, tie shared keys, then check shapes.
+
+    A weight whose shape differs from the model's is refused (CheckpointMismatchError naming every such key
+    and both shapes), except (1) `visual_encoder(_m).pos_embed` of another grid, resized (warning), and (2) the
+    VQA answer decoder's cross-attention K/V weights stored for another context width, dropped to start fresh
+    (warning; appended to `dropped`). With a `mismatched` list, refused weights are not raised but dropped
+    (never loaded) and appended to it as (key, checkpoint shape, model shape).
+    """
     own = model.state_dict()
     sd = {k: v for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
+    original_shapes = {}
     for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
         if key in sd and key in own and sd[key].shape != own[key].shape:
-            sd[key] = resize_pos_embed(sd[key], own[key].shape[1] - 1)
-            log.info("resized %s to %s", key, tuple(sd[key].shape))
+            old, new = sd[key].shape, own[key].shape
+            grid = int(round((old[1] - 1) ** 0.5))
+            if len(old) == 3 and old[0] == 1 and old[2] == new[2] and grid * grid == old[1] - 1:
+                sd[key] = resize_pos_embed(sd[key], new[1] - 1)
+                log.warning("resized %s from %s to the model's grid: %s", key, tuple(old), tuple(sd[key].shape))
+            original_shapes[key] = old  # a width or layout that no resize fits: refused below
     if any(".crossattention.self0." in k for k in own) and not any(".crossattention.self0." in k for k in sd):
         for k in list(sd):  # a single-image checkpoint into NLVR2: both branches start from it
             if ".crossattention.self." in k:
@@ -167,48 +203,95 @@ def adapt_state_dict(model, sd: dict, dropped: list | None = None) -> dict:
         for k in group:
             if present and k not in sd:
                 sd[k] = sd[present[0]]
+    fresh, refused = [], []
     for k in list(sd):
         if k in own and sd[k].shape != own[k].shape:
-            log.warning("dropping %s: checkpoint shape %s, model shape %s", k, tuple(sd[k].shape),
-                        tuple(own[k].shape))
+            if _fresh_cross_kv(model, k, sd[k].shape, own[k].shape):
+                fresh.append((k, _shape(sd[k]), _shape(own[k])))
+            else:
+                refused.append((k, list(original_shapes.get(k, sd[k].shape)), _shape(own[k])))
             del sd[k]
-            if dropped is not None:
-                dropped.append(k)
+    if fresh:
+        log.warning("%d cross-attention K/V weight(s) of the %r model read states of another width than the "
+                    "checkpoint's and start fresh: %s", len(fresh), getattr(model, "task", ""),
+                    _shape_list(fresh))
+        if dropped is not None:
+            dropped += [k for k, _, _ in fresh]
+    if refused:
+        if mismatched is None:
+            raise CheckpointMismatchError(_shape_message("the checkpoint", model, refused))
+        mismatched += refused
     return sd
 
 
+def _shape_message(name, model, refused) -> str:
+    return (f"{name} does not fit the {getattr(model, 'task', '')!r} model: {len(refused)} weight(s) of another "
+            f"shape (another model size?): " + _shape_list(refused))
+
+
+def _shape_list(items) -> str:
+    return "; ".join(f"{k} (checkpoint {a}, model {b})" for k, a, b in items)
+
+
 def load_into(model, src, strict: bool | None = None) -> dict:
-    """Load a checkpoint into `model`. strict=True: nothing missing or unexpected; None (default): missing
-    keys allowed only among the task's fresh heads and the weights dropped for another shape, unexpected keys
-    reported; False: report only. Returns {'missing': [...], 'unexpected': [...], 'meta': {...}}."""
+    """Load a checkpoint into `model`.
+
+    Shapes (every mode): a tensor of another shape is never loaded. strict=True or None refuse it
+    (CheckpointMismatchError naming each key and both shapes), except the resized pos_embed and the VQA answer
+    decoder's fresh cross-attention K/V (see `adapt_state_dict`); strict=False leaves it as initialised and
+    reports it under 'mismatched'.
+    Keys: strict=True: nothing missing or unexpected; None (default): missing keys allowed only among the task's
+    fresh heads and the fresh K/V, unexpected keys reported; False: report only.
+    Momentum weights absent from the checkpoint start as copies of their (loaded) online counterparts; those
+    present keep their checkpoint values.
+    Returns {'missing': [...], 'unexpected': [...], 'mismatched': [(key, ckpt shape, model shape)], 'meta': {}}.
+    """
     sd, meta = read_state_dict(src)
-    dropped = []
-    sd = adapt_state_dict(model, sd, dropped)
+    name = src if isinstance(src, (str, Path)) else "state dict"
+    dropped, mismatched = [], []
+    sd = adapt_state_dict(model, sd, dropped, mismatched)
+    if mismatched:
+        if strict is not False:
+            raise CheckpointMismatchError(_shape_message(name, model, mismatched))
+        log.warning("%s: %d weight(s) of another shape NOT loaded (left as initialised): %s", name, len(mismatched),
+                    _shape_list(mismatched))
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    name = src if isinstance(src, (str, Path)) else "state dict"
     if strict is not False:
-        # as the original's loader, a weight stored with another shape starts fresh (e.g. the VQA answer
-        # decoder's text-wide cross-attention K/V from a ViT-L pretraining decoder's image-wide ones)
         bad_missing = missing if strict else [k for k in missing if k not in dropped
                                               and not any(f in k for f in model.fresh_keys)]
         bad_unexpected = unexpected if strict else []
-        loaded = set(sd) & set(own)
-        if bad_missing or bad_unexpected or not loaded or len(dropped) > len(loaded):
+        if bad_missing or bad_unexpected or not set(sd) & set(own):
             raise CheckpointMismatchError(
                 f"{name} does not fit the {model.task!r} model: {len(bad_missing)} missing key(s) "
-                f"{_head(bad_missing)}, {len(unexpected)} unexpected key(s) {_head(unexpected)}"
-                + (f", {len(dropped)} key(s) of another shape {_head(dropped)} (another model size?)"
-                   if dropped else ""))
+                f"{_head(bad_missing)}, {len(unexpected)} unexpected key(s) {_head(unexpected)}")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     if missing:
         log.info("%s: %d weights not in the checkpoint (fresh): %s", name, len(missing), _head(missing))
-        if hasattr(model, "copy_params") and any("_m." in k for k in missing):
-            model.copy_params()  # momentum encoders start as copies of the loaded online ones
+        copied = _copy_missing_momentum(model, missing)
+        if copied:
+            log.info("%s: %d momentum weight(s) start as copies of the online ones", name, len(copied))
     if unexpected:
         log.info("%s: %d checkpoint weights unused by %r: %s", name, len(unexpected), model.task, _head(unexpected))
-    return {"missing": missing, "unexpected": unexpected, "meta": meta}
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched, "meta": meta}
+
+
+@torch.no_grad()
+def _copy_missing_momentum(model, missing) -> list:
+    """Each missing momentum weight (`<name>_m.…` of a momentum encoder) := its online `<name>.…`; weights
+    the checkpoint had are left alone."""
+    names = set(getattr(model, "_momentum_names", ()))
+    own = model.state_dict()
+    copied = []
+    for k in missing:
+        head, _, rest = k.partition(".")
+        if head.endswith("_m") and head[:-2] in names:
+            online = f"{head[:-2]}.{rest}" if rest else head[:-2]
+            if online in own and own[online].shape == own[k].shape:
+                own[k].copy_(own[online])
+                copied.append(k)
+    return copied
 
 
 def _head(keys, n=8):

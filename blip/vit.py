@@ -31,6 +31,7 @@ class VisionConfig:
     grad_ckpt: bool = False
     ckpt_layer: int = 0  # checkpoint the LAST `ckpt_layer` blocks (the original's rule)
     layer_norm_eps: float = 1e-6
+    intermediate_size: int | None = None  # MLP width; None: 4 * width (the original's mlp_ratio 4)
 
 
 class BlipViT(VisionTransformer):
@@ -39,7 +40,7 @@ class BlipViT(VisionTransformer):
     def __init__(self, cfg: VisionConfig):
         super().__init__(
             img_size=cfg.image_size, patch_size=cfg.patch_size, num_classes=0, global_pool="",
-            embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=4.0, qkv_bias=True,
+            embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=_mlp_ratio(cfg), qkv_bias=True,
             drop_path_rate=cfg.drop_path_rate, norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
         )
         self.cfg = cfg
@@ -53,6 +54,13 @@ class BlipViT(VisionTransformer):
             else:
                 x = blk(x)
         return self.norm(x)
+
+
+def _mlp_ratio(cfg: VisionConfig) -> float:
+    """timm sizes the MLP as int(width * mlp_ratio): a ratio that gives exactly `intermediate_size`."""
+    inter = cfg.intermediate_size or 4 * cfg.width
+    ratio = inter / cfg.width
+    return ratio if int(cfg.width * ratio) == inter else (inter + 0.5) / cfg.width
 
 
 def build_vit(cfg: VisionConfig) -> BlipViT:

@@ -5,6 +5,7 @@ The original-layout state dicts are built here from SPEC §3's key table, indepe
 `state_dict()`: if our names, shapes or key sets drift from the original's, these tests fail.
 """
 import json
+import re
 import pickle
 
 import pytest
@@ -381,3 +382,127 @@ def test_pretrain_safetensors_initialises_the_caption_decoder(tmp_path):
     cap = _blip.load_model("caption", tmp_path / "pre.safetensors", strict=None)
     for k, v in cap.text_decoder.state_dict().items():
         assert torch.equal(v, pre.text_decoder.state_dict()[k]), k
+
+
+# ------------------------------------------------------------------------------- weights of another shape
+
+def _other_shape_keys(model, sd):
+    own = model.state_dict()
+    return {k: (list(sd[k].shape), list(own[k].shape)) for k in sd if k in own and sd[k].shape != own[k].shape}
+
+
+def test_weight_of_another_shape_is_refused_naming_every_key_and_both_shapes():
+    """A checkpoint whose text stack is a little wider (FFN 80 instead of 64) is refused, not loaded with
+    random FFN layers: every such key is named with the checkpoint's and the model's shape."""
+    wider = blip.load_model("caption", **overrides("caption") | dict(med_config=dict(MED, intermediate_size=80)))
+    sd = wider.state_dict()
+    model = blip.load_model("caption", **overrides("caption"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = _other_shape_keys(model, sd)
+    assert len(bad) == 3 * LAYERS  # intermediate.dense weight+bias, output.dense weight, per layer
+    for strict in (None, True):
+        with pytest.raises(CheckpointMismatchError, match=r"6 weight\(s\) of another shape") as e:
+            load_into(model, sd, strict=strict)
+        for k, (have, want) in bad.items():
+            assert f"{k} (checkpoint {have}, model {want})" in str(e.value)
+    for k, v in model.state_dict().items():  # nothing was loaded
+        assert torch.equal(v, before[k]), k
+    # a wider stack everywhere: still every key, not the first few
+    wide = blip.load_model("caption", **overrides("caption") | dict(med_config=dict(MED, hidden_size=48)))
+    bad = _other_shape_keys(model, wide.state_dict())
+    with pytest.raises(CheckpointMismatchError) as e:
+        blip.load_model("caption", wide.state_dict(), **overrides("caption"))
+    assert len(bad) > 50 and all(f"{k} (checkpoint {a}, model {b})" in str(e.value) for k, (a, b) in bad.items())
+    assert "\n" not in str(e.value)  # one line, as the CLI prints it
+
+
+def test_strict_false_reports_weights_of_another_shape_and_never_loads_them(caplog):
+    wider = blip.load_model("caption", **overrides("caption") | dict(med_config=dict(MED, intermediate_size=80)))
+    sd = wider.state_dict()
+    model = blip.load_model("caption", **overrides("caption"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = _other_shape_keys(model, sd)
+    with caplog.at_level("WARNING", logger="blip.checkpoint"):
+        info = load_into(model, sd, strict=False)
+    assert {k: (a, b) for k, a, b in info["mismatched"]} == bad
+    assert set(info["missing"]) == set(bad)
+    own = model.state_dict()
+    for k in own:
+        assert torch.equal(own[k], before[k] if k in bad else sd[k]), k  # the rest is loaded
+    assert any("NOT loaded" in r.message and all(k in r.message for k in bad) for r in caplog.records)
+
+
+def test_pos_embed_of_another_grid_is_resized_with_a_warning(caplog):
+    ckpt = original_checkpoint("caption", image_size=64)
+    with caplog.at_level("WARNING", logger="blip.checkpoint"):
+        model = blip.load_model("caption", ckpt, strict=True, **overrides("caption", image_size=96))
+    assert model.visual_encoder.pos_embed.shape == (1, 37, VW)
+    assert any(r.levelname == "WARNING" and "visual_encoder.pos_embed" in r.message and "(1, 17, 48)" in r.message
+               for r in caplog.records)
+    # a pos_embed of another width is no grid to resize: refused like any other shape
+    sd = dict(ckpt["model"], **{"visual_encoder.pos_embed": torch.zeros(1, 17, VW + 8)})
+    with pytest.raises(CheckpointMismatchError, match=r"visual_encoder\.pos_embed \(checkpoint \[1, 17, 56\]"):
+        blip.load_model("caption", {"model": sd}, **overrides("caption", image_size=96))
+
+
+def test_vqa_answer_decoder_cross_kv_start_fresh_from_a_pretrain_checkpoint_of_another_vision_width(caplog):
+    """As the original fine-tunes VQA from a ViT-L pretraining checkpoint: the answer decoder's cross-attention
+    reads the (text-wide) question, the checkpoint's decoder read the (wider) image. Here vision 48 vs text 32."""
+    sd = original_checkpoint("pretrain")["model"]
+    model = blip.load_model("vqa", **overrides("vqa"))
+    fresh = {f"text_decoder.bert.encoder.layer.{i}.crossattention.self.{n}.weight"
+             for i in range(LAYERS) for n in ("key", "value")}
+    init = {k: model.state_dict()[k].clone() for k in fresh}
+    with caplog.at_level("WARNING", logger="blip.checkpoint"):
+        info = load_into(model, sd)
+    own = model.state_dict()
+    assert set(info["missing"]) == fresh and not info["mismatched"]
+    for k in fresh:
+        assert own[k].shape == (H, H) and sd[k].shape == (H, VW) and torch.equal(own[k], init[k]), k
+        bias = k.replace(".weight", ".bias")  # same shape: loaded, as the original's loader
+        assert torch.equal(own[bias], sd[bias]), bias
+    warning = [r.message for r in caplog.records if r.levelname == "WARNING" and "start fresh" in r.message]
+    assert len(warning) == 1 and all(f"{k} (checkpoint [{H}, {VW}], model [{H}, {H}])" in warning[0] for k in fresh)
+    # the question encoder's cross-attention reads the image: its K/V match (checked loaded)
+    k = "text_encoder.encoder.layer.0.crossattention.self.key.weight"
+    assert torch.equal(own[k], sd[k])
+
+
+def test_only_the_vqa_answer_decoder_cross_kv_are_exempt():
+    """An image-reading cross-attention (caption decoder, question encoder) with K/V of another width means
+    another vision width: refused, as is a VQA model whose ViT differs from the checkpoint's."""
+    sd = original_checkpoint("pretrain")["model"]
+    kv = "text_decoder.bert.encoder.layer.1.crossattention.self.value.weight"
+    odd = dict(sd, **{kv: torch.zeros(H, VW + 8)})  # the ViT matches, this decoder K/V does not
+    with pytest.raises(CheckpointMismatchError, match=re.escape(f"{kv} (checkpoint [{H}, {VW + 8}], model [{H}, {VW}])")):
+        blip.load_model("caption", odd, **overrides("caption"))
+    enc = kv.replace("text_decoder.bert.", "text_encoder.")
+    with pytest.raises(CheckpointMismatchError, match=re.escape(enc)):
+        blip.load_model("vqa", dict(sd, **{enc: torch.zeros(H, VW + 8)}), **overrides("vqa"))
+    with pytest.raises(CheckpointMismatchError, match=r"visual_encoder\.cls_token"):  # ViT-B model, ViT-L-like checkpoint
+        blip.load_model("vqa", sd, **overrides("vqa") | dict(vision_width=64))
+    # a caption model as wide as the checkpoint's ViT loads its decoder's cross-attention as it is
+    cap = blip.load_model("caption", sd, **overrides("caption"))
+    assert torch.equal(cap.state_dict()[kv], sd[kv])
+
+
+# ------------------------------------------------------------------------------------- momentum encoders
+
+@pytest.mark.parametrize("task", ["retrieval", "pretrain"])
+def test_only_missing_momentum_weights_are_copied_from_the_online_ones(task):
+    sd = original_checkpoint(task)["model"]
+    gone = [k for k in sd if k.startswith(("visual_encoder_m.blocks.1.", "text_proj_m.", "text_encoder_m.encoder.layer.0."))]
+    assert len(gone) > 10
+    partial = {k: v for k, v in sd.items() if k not in gone}
+    info = load_into(blip.load_model(task, **overrides(task)), partial)
+    model = blip.load_model(task, partial, **overrides(task))
+    assert set(gone) <= set(info["missing"])
+    own = model.state_dict()
+    for k in own:
+        if "_m." not in k:
+            continue
+        online = k.replace("_m.", ".", 1)
+        if k in gone:
+            assert torch.equal(own[k], own[online]), k  # missing: the online weight
+        else:
+            assert torch.equal(own[k], sd[k]) and not torch.equal(own[k], own[online]), k  # present: kept

@@ -24,6 +24,7 @@ transformers' `generate` ids, with 4.15's rules exactly ours, and hence that our
 wherever the two rule sets lead to the same caption (most inputs, both [SEP]-ended and truncated ones).
 """
 import math
+import re
 
 import pytest
 import torch
@@ -320,3 +321,142 @@ def test_transformers_save_pretrained_directory_loads(tmp_path):
         ours.generate(x, num_beams=3, max_length=12, min_length=3, return_ids=True, prompt="")
     with torch.no_grad():
         close(loaded.visual_encoder(x), hf.vision_model(x).last_hidden_state)
+
+
+# ------------------------------------------------------------------------------ configs beyond the defaults
+
+def config_with(fields, vision_width=48, text_width=32):
+    """tiny_config with `fields` ({'vision_config.x': v, 'text_config.y': w, 'z': u}) set."""
+    base = tiny_config(vision_width, text_width).to_dict()
+    top = {k: v for k, v in base.items() if k in ("image_text_hidden_size", "tie_word_embeddings")}
+    sub = {"vision_config": dict(base["vision_config"]), "text_config": dict(base["text_config"])}
+    for name, value in fields.items():
+        part, _, field = name.rpartition(".")
+        (sub[part] if part else top)[field] = value
+    keep = ("_name_or_path", "architectures", "transformers_version", "model_type", "dtype")
+    return BlipConfig(text_config={k: v for k, v in sub["text_config"].items() if k not in keep},
+                      vision_config={k: v for k, v in sub["vision_config"].items() if k not in keep},
+                      attn_implementation="eager", **top)
+
+
+def outputs(model, task, image_size, hf):
+    """The class's outputs on fixed inputs: caption = ViT tokens + decoder logits; itm = ITM probabilities + ITC
+    similarities; vqa = question states + answer-decoder logits."""
+    x = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        if task == "caption":
+            ids, mask = tokenize(TEXTS[:3], first_token=DEC_ID)
+            if hf:
+                v = model.vision_model(x).last_hidden_state
+                return v, model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=v).logits
+            v = model.visual_encoder(x)
+            return v, model.text_decoder(ids, mask, v)
+        if task == "itm":
+            ids, mask = tokenize(TEXTS[:3], max_length=35)
+            if hf:
+                return (model(input_ids=ids, pixel_values=x, attention_mask=mask).itm_score.softmax(-1)[:, 1],
+                        model(input_ids=ids, pixel_values=x, attention_mask=mask, use_itm_head=False).itm_score)
+            return model.itm_score(x, TEXTS[:3]), model.itc_similarity(x, TEXTS[:3])
+        q, q_mask = tokenize(QUESTIONS, max_length=35, first_token=ENC_ID)
+        a, a_mask = tokenize(["two", "a red dog", "yes"], first_token=DEC_ID)
+        if hf:
+            s = model.text_encoder(input_ids=q, attention_mask=q_mask,
+                                   encoder_hidden_states=model.vision_model(x).last_hidden_state).last_hidden_state
+            # no question mask: transformers 5.23's text decoder does not apply encoder_attention_mask (its logits
+            # change with the padded question states); ours does. Unmasked, as in VQA generation, both agree.
+            return s, model.text_decoder(input_ids=a, attention_mask=a_mask, encoder_hidden_states=s).logits
+        s, _ = model.encode_questions(x, QUESTIONS)
+        return s, model.text_decoder(a, a_mask, s)
+
+
+FIELD_CASES = [  # (class, task, fields): each a non-default value of the fields it names
+    (BlipForConditionalGeneration, "caption", {"vision_config.hidden_size": 40, "vision_config.intermediate_size": 160}),
+    (BlipForConditionalGeneration, "caption", {"vision_config.intermediate_size": 100}),  # not 4 x width
+    (BlipForConditionalGeneration, "caption", {"vision_config.num_hidden_layers": 3}),
+    (BlipForConditionalGeneration, "caption", {"vision_config.num_attention_heads": 4}),
+    (BlipForConditionalGeneration, "caption", {"vision_config.image_size": 48}),
+    (BlipForConditionalGeneration, "caption", {"vision_config.patch_size": 8}),
+    (BlipForConditionalGeneration, "caption", {"vision_config.layer_norm_eps": 0.5}),
+    (BlipForConditionalGeneration, "caption", {"text_config.intermediate_size": 80}),
+    (BlipForConditionalGeneration, "caption", {"text_config.layer_norm_eps": 0.5}),
+    (BlipForConditionalGeneration, "caption", {"text_config.vocab_size": 30530}),
+    (BlipForConditionalGeneration, "caption", {"text_config.max_position_embeddings": 48}),
+    (BlipForConditionalGeneration, "caption", {"text_config.num_hidden_layers": 3}),
+    (BlipForConditionalGeneration, "caption", {"text_config.hidden_dropout_prob": 0.2,  # training only: eval equal
+                                               "text_config.attention_probs_dropout_prob": 0.3}),
+    (BlipForImageTextRetrieval, "itm", {"image_text_hidden_size": 12}),
+    (BlipForImageTextRetrieval, "itm", {"text_config.hidden_size": 40, "text_config.intermediate_size": 160}),
+    (BlipForImageTextRetrieval, "itm", {"text_config.num_attention_heads": 4}),
+    (BlipForImageTextRetrieval, "itm", {"vision_config.intermediate_size": 100, "vision_config.layer_norm_eps": 0.5}),
+    (BlipForQuestionAnswering, "vqa", {"vision_config.hidden_size": 40, "vision_config.intermediate_size": 160,
+                                       "text_config.hidden_size": 40}),
+    (BlipForQuestionAnswering, "vqa", {"text_config.intermediate_size": 80, "vision_config.intermediate_size": 100}),
+    (BlipForQuestionAnswering, "vqa", {"text_config.num_attention_heads": 4, "vision_config.num_hidden_layers": 3}),
+]
+
+
+@pytest.mark.parametrize("cls,task,fields", FIELD_CASES,
+                         ids=[f"{t}-" + "+".join(f.replace("_config", "") for f in fs) for _, t, fs in FIELD_CASES])
+def test_non_default_config_field_is_honoured_and_written_back(tmp_path, cls, task, fields):
+    widths = dict(vision_width=32, text_width=32) if task == "vqa" else {}
+    torch.manual_seed(0)
+    hf = randomize(cls(config_with(fields, **widths)), seed=8)
+    image_size = hf.config.vision_config.image_size
+    want = outputs(hf, task, image_size, hf=True)
+    hf.save_pretrained(tmp_path / "saved")
+    for ours in (blip.from_transformers(hf), blip.load_model(task, tmp_path / "saved")):
+        for a, b in zip(want, outputs(ours, task, image_size, hf=False)):
+            close(a, b)
+    blip.to_transformers(ours, tmp_path / "back")
+    back = cls.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
+    for name, value in fields.items():  # written back
+        part, _, field = name.rpartition(".")
+        assert getattr(getattr(back.config, part) if part else back.config, field) == value, name
+    for a, b in zip(want, outputs(back, task, image_size, hf=True)):
+        assert torch.equal(a, b)
+
+
+REFUSED = [  # (fields, the name the error gives)
+    ({"vision_config.hidden_act": "quick_gelu"}, "vision_config.hidden_act"),
+    ({"text_config.hidden_act": "relu"}, "text_config.hidden_act"),
+    ({"vision_config.attention_dropout": 0.1}, "vision_config.attention_dropout"),
+    ({"text_config.is_decoder": False}, "text_config.is_decoder"),
+    ({"text_config.pad_token_id": 1}, "text_config.pad_token_id"),
+    ({"text_config.bos_token_id": 5}, "text_config.bos_token_id"),
+    ({"text_config.sep_token_id": 7}, "text_config.sep_token_id"),
+    ({"text_config.vocab_size": 30522}, "text_config.vocab_size"),
+    ({"tie_word_embeddings": False, "text_config.tie_word_embeddings": False}, "tie_word_embeddings"),
+]
+
+
+@pytest.mark.parametrize("fields,name", REFUSED, ids=[n for _, n in REFUSED])
+def test_config_field_blip_cannot_represent_is_refused_by_name(tmp_path, fields, name):
+    hf = BlipForConditionalGeneration(config_with(fields))
+    if name == "tie_word_embeddings":  # transformers really unties the LM head then
+        dec = hf.text_decoder
+        assert dec.cls.predictions.decoder.weight is not dec.bert.embeddings.word_embeddings.weight
+    with pytest.raises(ValueError, match=re.escape(name)):
+        blip.from_transformers(hf)
+    hf.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match=re.escape(name)):
+        blip.load_model("caption", tmp_path / "saved")
+
+
+def test_non_square_image_and_vqa_of_two_widths_are_refused(tmp_path):
+    for field in ("image_size", "patch_size"):  # transformers cannot build these either; a config.json may say so
+        cfg = config_with({}).to_dict()
+        cfg["vision_config"][field] = [32, 48] if field == "image_size" else [16, 8]
+        with pytest.raises(ValueError, match=f"vision_config.{field}"):
+            blip.config_from_transformers(cfg)
+    # transformers' VQA builds the answer decoder's cross-attention vision-wide and feeds it the question states
+    hf = BlipForQuestionAnswering(config_with({}, vision_width=48, text_width=32))
+    with pytest.raises(ValueError, match="vision_config.hidden_size"):
+        blip.from_transformers(hf)
+    hf.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="vision_config.hidden_size"):
+        blip.load_model("vqa", tmp_path / "saved")
+    ours = blip.load_model("vqa", image_size=IMAGE, vision_width=48, vision_depth=1, vision_heads=2,
+                           med_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=64))
+    with pytest.raises(ValueError, match="one width for both towers"):
+        blip.to_transformers(ours, tmp_path / "out")

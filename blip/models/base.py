@@ -22,6 +22,7 @@ class ModelConfig:
     vision_depth: int | None = None
     vision_heads: int | None = None
     vision_layer_norm_eps: float = 1e-6
+    vision_intermediate_size: int | None = None  # ViT MLP width; None: 4 × vision width
     drop_path_rate: float | None = None  # None: the original's rule for the task (see `vision`)
     vit_grad_ckpt: bool = False
     vit_ckpt_layer: int = 0
@@ -66,7 +67,8 @@ class ModelConfig:
         return VisionConfig(image_size=self.image_size, patch_size=self.patch_size,
                             width=self.vision_width or width, depth=self.vision_depth or depth,
                             heads=self.vision_heads or heads, drop_path_rate=dpr, grad_ckpt=self.vit_grad_ckpt,
-                            ckpt_layer=self.vit_ckpt_layer, layer_norm_eps=self.vision_layer_norm_eps)
+                            ckpt_layer=self.vit_ckpt_layer, layer_norm_eps=self.vision_layer_norm_eps,
+                            intermediate_size=self.vision_intermediate_size)
 
     def text(self, **overrides) -> TextConfig:
         cfg = TextConfig.from_any(self.med_config, **overrides)
