@@ -35,6 +35,9 @@ class Config:
     dataset: str = ""                   # retrieval: 'coco' | 'flickr'
     train_file: list[str] = field(default_factory=list)   # pretraining JSON files
     laion_path: str = ""
+    train_num_samples: int | None = None  # shards: samples per epoch (None: counted once), as open_clip's flag
+    shard_shuffle_buffer: int = 1000    # shards: samples in the seeded shuffle buffer
+    dataset_resampled: bool = False     # shards: draw shards with replacement (every rank the same steps)
     train_files: list[str] = field(default_factory=list)  # VQA: vqa_train, vqa_val, vg_qa
     vqa_root: str = ""
     vg_root: str = ""
