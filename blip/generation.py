@@ -7,10 +7,13 @@ are projected once per image and read by all its beams (see `MultiHeadAttention`
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .med import TextDecoder
+from .tokenizer import PAD_ID, SEP_ID
 
 
 def _repetition_penalty(scores, ids, penalty):
@@ -69,24 +72,32 @@ class _Hypotheses:
         return sorted(self.beams, key=lambda b: b[0])[-1][1]  # ties: the later one, as transformers
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode (transformers' GenerationConfig, the part BLIP uses). max_length counts the prompt."""
+    num_beams: int = 3
+    max_length: int = 30
+    min_length: int = 10
+    repetition_penalty: float = 1.0
+    sample: bool = False        # nucleus sampling (top-k, then top-p) instead of beam search
+    top_p: float = 0.9
+    top_k: int = 50
+    eos_id: int = SEP_ID
+    pad_id: int = PAD_ID
+
+
 @torch.no_grad()
-def generate_ids(decoder: TextDecoder, encoder_states, prompt_ids, *, encoder_mask=None, num_beams=3,
-                 max_length=30, min_length=10, repetition_penalty=1.0, sample=False, top_p=0.9, top_k=50,
-                 eos_id=102, pad_id=0, generator=None) -> list[list[int]]:
+def generate_ids(decoder: TextDecoder, encoder_states, prompt_ids, how: Decoding, *, encoder_mask=None,
+                 generator=None) -> list[list[int]]:
     """Token ids (prompt included) of one output per input.
 
     encoder_states [B, N, w]: what the decoder cross-attends to, ONE row per input (not per beam).
-    prompt_ids [B, L0]: the first tokens ([DEC] + prompt). max_length counts the prompt.
+    prompt_ids [B, L0]: the first tokens ([DEC] + prompt).
     """
     cross_kv = decoder.bert.cross_kv(encoder_states)
-    if sample:
-        return _sample(decoder, cross_kv, encoder_mask, prompt_ids, max_length, min_length, repetition_penalty,
-                       top_p, top_k, eos_id, pad_id, generator)
-    if num_beams == 1:
-        return _greedy(decoder, cross_kv, encoder_mask, prompt_ids, max_length, min_length, repetition_penalty,
-                       eos_id, pad_id)
-    return _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, num_beams, max_length, min_length,
-                        repetition_penalty, eos_id)
+    if how.sample or how.num_beams == 1:
+        return _one_path(decoder, cross_kv, encoder_mask, prompt_ids, how, generator)
+    return _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, how)
 
 
 def _step(decoder, new_ids, cross_kv, encoder_mask, past):
@@ -94,35 +105,28 @@ def _step(decoder, new_ids, cross_kv, encoder_mask, past):
     return logits[:, -1].float(), past
 
 
-def _greedy(decoder, cross_kv, encoder_mask, ids, max_length, min_length, rep, eos_id, pad_id):
+def _one_path(decoder, cross_kv, encoder_mask, ids, how: Decoding, generator):
+    """Greedy decoding, or nucleus sampling with `how.sample`: one path per input."""
     past, new, unfinished = None, ids, torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    while ids.shape[1] < max_length:
+    while ids.shape[1] < how.max_length:
         logits, past = _step(decoder, new, cross_kv, encoder_mask, past)
-        scores = _process(logits, ids, min_length=min_length, eos_id=eos_id, repetition_penalty=rep)
-        nxt = torch.where(unfinished, scores.argmax(-1), torch.full_like(unfinished, pad_id, dtype=torch.long))
+        scores = _process(logits, ids, min_length=how.min_length, eos_id=how.eos_id,
+                          repetition_penalty=how.repetition_penalty)
+        if how.sample:
+            probs = _top_k_top_p(scores, how.top_k, how.top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            nxt = scores.argmax(-1)
+        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, how.pad_id))
         ids, new = torch.cat([ids, nxt[:, None]], 1), nxt[:, None]
-        unfinished &= nxt != eos_id
+        unfinished &= nxt != how.eos_id
         if not unfinished.any():
             break
     return ids.tolist()
 
 
-def _sample(decoder, cross_kv, encoder_mask, ids, max_length, min_length, rep, top_p, top_k, eos_id, pad_id, gen):
-    past, new, unfinished = None, ids, torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    while ids.shape[1] < max_length:
-        logits, past = _step(decoder, new, cross_kv, encoder_mask, past)
-        scores = _process(logits, ids, min_length=min_length, eos_id=eos_id, repetition_penalty=rep)
-        probs = _top_k_top_p(scores, top_k, top_p).softmax(-1)
-        nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_id))
-        ids, new = torch.cat([ids, nxt[:, None]], 1), nxt[:, None]
-        unfinished &= nxt != eos_id
-        if not unfinished.any():
-            break
-    return ids.tolist()
-
-
-def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, nb, max_length, min_length, rep, eos_id):
+def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, how: Decoding):
+    nb, max_length, eos_id = how.num_beams, how.max_length, how.eos_id
     b = prompt_ids.shape[0]
     ids = prompt_ids.repeat_interleave(nb, dim=0)
     beam_scores = torch.zeros(b, nb, device=ids.device)
@@ -133,8 +137,8 @@ def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, nb, max_length, mi
     past, new = None, ids
     while True:
         logits, past = _step(decoder, new, cross_kv, encoder_mask, past)
-        scores = _process(F.log_softmax(logits, -1), ids, min_length=min_length, eos_id=eos_id,
-                          repetition_penalty=rep)
+        scores = _process(F.log_softmax(logits, -1), ids, min_length=how.min_length, eos_id=eos_id,
+                          repetition_penalty=how.repetition_penalty)
         vocab = scores.shape[-1]
         scores = (scores + beam_scores[:, None]).view(b, nb * vocab)
         top_scores, top_tokens = torch.topk(scores, 2 * nb, dim=1)

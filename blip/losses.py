@@ -36,20 +36,12 @@ def draw_hard_negatives(weights_t2i, weights_i2t, generator=None):
     return neg_image_for_text, neg_text_for_image
 
 
-def itm_loss(itm_logits_fn, image_embeds, ids, mask, neg_image_for_text, neg_text_for_image,
-             neg_image_embeds=None, neg_ids=None, neg_mask=None):
-    """ITM cross-entropy over b positives, b (text, negative image) and b (negative text, image) pairs.
-
-    Negatives are indexed into `neg_*` (the all-rank batch) when given, else into the local batch.
-    `itm_logits_fn(image_embeds, ids, mask)` runs the multimodal encoder + head on paired rows.
-    """
-    neg_image_embeds = image_embeds if neg_image_embeds is None else neg_image_embeds
-    neg_ids = ids if neg_ids is None else neg_ids
-    neg_mask = mask if neg_mask is None else neg_mask
+def itm_pairs(image_embeds, ids, mask, neg_image_for_text, neg_text_for_image, neg_image_embeds, neg_ids, neg_mask):
+    """The 3b ITM rows: b positives, b (text, its negative image), b (negative text, image) -> (image embeds, ids,
+    mask, labels). Negatives index into `neg_*`: the local batch, or the all-rank one."""
     b = ids.shape[0]
+    images = torch.cat([image_embeds, neg_image_embeds[neg_image_for_text], image_embeds])
     ids_all = torch.cat([ids, ids, neg_ids[neg_text_for_image]])
     mask_all = torch.cat([mask, mask, neg_mask[neg_text_for_image]])
-    images_all = torch.cat([image_embeds, neg_image_embeds[neg_image_for_text], image_embeds])
-    logits = itm_logits_fn(images_all, ids_all, mask_all)
-    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(logits.device)
-    return F.cross_entropy(logits.float(), labels)
+    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(ids.device)
+    return images, ids_all, mask_all, labels

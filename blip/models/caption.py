@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..generation import generate_ids
+from ..generation import Decoding, generate_ids
 from ..med import TextDecoder
-from ..tokenizer import DEC_ID, PAD_ID, SEP_ID, decode
+from ..tokenizer import DEC_ID, PAD_ID, decode
 from .base import BlipModel
 
 
@@ -44,10 +44,10 @@ class BlipCaption(BlipModel):
         image_embeds = self.visual_encoder(pixel_values)
         if num_captions > 1:
             image_embeds = image_embeds.repeat_interleave(num_captions, dim=0)
-        ids = generate_ids(self.text_decoder, image_embeds, self.prompt_ids(prompt, len(image_embeds)),
-                           num_beams=num_beams, max_length=max_length, min_length=min_length,
-                           repetition_penalty=repetition_penalty, sample=sample, top_p=top_p, top_k=top_k,
-                           eos_id=SEP_ID, pad_id=PAD_ID, generator=generator)
+        how = Decoding(num_beams=num_beams, max_length=max_length, min_length=min_length,
+                       repetition_penalty=repetition_penalty, sample=sample, top_p=top_p, top_k=top_k)
+        ids = generate_ids(self.text_decoder, image_embeds, self.prompt_ids(prompt, len(image_embeds)), how,
+                           generator=generator)
         if return_ids:
             return ids
         return [decode(seq)[len(prompt):] for seq in ids]

@@ -6,14 +6,12 @@ BlipPretrain: + the LM decoder tied to the text encoder; ITC + ITM + LM.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as dist
-from ..losses import draw_hard_negatives, itc_loss, itm_loss
+from ..losses import draw_hard_negatives, itc_loss, itm_pairs
 from ..med import TextDecoder, TextModel, tie_decoder_to_encoder
 from ..tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID
 from .base import BlipModel, MomentumMixin
@@ -149,37 +147,28 @@ class _Contrastive(MomentumMixin, BlipITM):
     def forward(self, *args, **kwargs):  # DDP calls forward: training = the losses
         return self.losses(*args, **kwargs)
 
-    def _itc(self, pixel_values, texts, pos_fn, alpha, update_queue, idx=None):
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-        image_embeds, image_feat = self.image_features(pixel_values)
-        ids, mask, text_feat = self.text_features(texts)
-        with torch.no_grad():
-            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(pixel_values)[:, 0]), dim=-1)
-            text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
-        loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                                              self.text_queue, self.temp, alpha, pos_fn())
-        if update_queue:
-            self.enqueue(image_feat_m, text_feat_m, idx)
-        return SimpleNamespace(image_embeds=image_embeds, image_feat=image_feat, ids=ids, mask=mask,
-                               text_feat=text_feat, image_feat_m=image_feat_m, text_feat_m=text_feat_m,
-                               loss_ita=loss_ita, sim_i2t=sim_i2t, sim_t2i=sim_t2i)
+    @torch.no_grad()
+    def momentum_features(self, pixel_values, ids, mask):
+        """Normalised projected [CLS] features of the momentum encoders: (image, text)."""
+        image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(pixel_values)[:, 0]), dim=-1)
+        text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
+        return image_feat_m, text_feat_m
 
-    def _itm(self, image_embeds, ids, mask, weights_fn, hard_negatives, all_rank, generator=None):
-        """ITM loss; negatives drawn by `weights_fn()` -> (w_t2i, w_i2t) unless `hard_negatives` given."""
+    def itm_loss(self, image_embeds, ids, mask, hard_negatives, all_rank):
+        """ITM cross-entropy over b positives and 2b hard negatives: hard_negatives = (image index for each text,
+        text index for each image), into the local batch or, with `all_rank`, the batch of every rank."""
         ids = ids.clone()
         ids[:, 0] = self.itm_first_token
-        neg = {}
+        neg_images, neg_ids, neg_mask = image_embeds, ids, mask
         if all_rank:  # gathered ids must share one width across ranks
             pad = self.text_max_length - ids.shape[1]
             ids, mask = F.pad(ids, (0, pad), value=PAD_ID), F.pad(mask, (0, pad))
-            neg = dict(neg_image_embeds=dist.all_gather_with_grad(image_embeds),
-                       neg_ids=dist.all_gather_no_grad(ids), neg_mask=dist.all_gather_no_grad(mask))
-        if hard_negatives is None:
-            hard_negatives = draw_hard_negatives(*weights_fn(), generator=generator)
-        neg_image_for_text, neg_text_for_image = (torch.as_tensor(h, device=ids.device) for h in hard_negatives)
-        loss = itm_loss(self.itm_logits, image_embeds, ids, mask, neg_image_for_text, neg_text_for_image, **neg)
-        return loss, (neg_image_for_text, neg_text_for_image)
+            neg_images = dist.all_gather_with_grad(image_embeds)
+            neg_ids, neg_mask = dist.all_gather_no_grad(ids), dist.all_gather_no_grad(mask)
+        image_for_text, text_for_image = (torch.as_tensor(h, device=ids.device) for h in hard_negatives)
+        images, ids, mask, labels = itm_pairs(image_embeds, ids, mask, image_for_text, text_for_image,
+                                              neg_images, neg_ids, neg_mask)
+        return F.cross_entropy(self.itm_logits(images, ids, mask).float(), labels)
 
 
 class BlipRetrieval(_Contrastive):
@@ -197,28 +186,31 @@ class BlipRetrieval(_Contrastive):
         Call `momentum_update()` first in training, as the original did at the start of its forward.
         """
         idx = torch.as_tensor(idx, device=self.device).view(-1, 1)
-        pos_fn = lambda: torch.eq(idx, torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)).float()
-        itc = self._itc(pixel_values, texts, pos_fn, alpha, update_queue, idx.view(-1))
-        image_feat, text_feat = itc.image_feat, itc.text_feat
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_embeds, image_feat = self.image_features(pixel_values)
+        ids, mask, text_feat = self.text_features(texts)
+        image_feat_m, text_feat_m = self.momentum_features(pixel_values, ids, mask)
+        positives = torch.eq(idx, torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)).float()
+        loss_ita, _, _ = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                                  self.text_queue, self.temp, alpha, positives)
+        if update_queue:
+            self.enqueue(image_feat_m, text_feat_m, idx.view(-1))
+
+        # hard negatives: drawn by similarity of the ONLINE features; every caption of the same image is masked
         all_rank = self.cfg.negative_all_rank and dist.get_world_size() > 1
-
-        def weights():  # recomputed from the online features; every caption of the same image is masked
+        if hard_negatives is None:
             with torch.no_grad():
+                img_all, txt_all, idx_all = image_feat, text_feat, idx
                 if all_rank:
-                    img_f, txt_f, ix = (dist.all_gather_no_grad(t) for t in (image_feat, text_feat, idx))
-                    same = torch.eq(idx, ix.t())
-                    w_i2t = F.softmax(image_feat @ txt_f.t() / self.temp, 1).masked_fill(same, 0)
-                    w_t2i = F.softmax(text_feat @ img_f.t() / self.temp, 1).masked_fill(same, 0)
-                    return w_t2i, w_i2t
-                same = torch.eq(idx, idx.t())
-                w_i2t = F.softmax(image_feat @ text_feat.t() / self.temp, 1).masked_fill(same, 0)
-                w_t2i = F.softmax(text_feat @ image_feat.t() / self.temp, 1).masked_fill(same, 0)
-                return w_t2i, w_i2t
-
-        loss_itm, negs = self._itm(itc.image_embeds, itc.ids, itc.mask, weights, hard_negatives, all_rank, generator)
-        out = {"loss_ita": itc.loss_ita, "loss_itm": loss_itm}
+                    img_all, txt_all, idx_all = (dist.all_gather_no_grad(t) for t in (image_feat, text_feat, idx))
+                same = torch.eq(idx, idx_all.t())
+                w_i2t = F.softmax(image_feat @ txt_all.t() / self.temp, 1).masked_fill(same, 0)
+                w_t2i = F.softmax(text_feat @ img_all.t() / self.temp, 1).masked_fill(same, 0)
+                hard_negatives = draw_hard_negatives(w_t2i, w_i2t, generator=generator)
+        out = {"loss_ita": loss_ita, "loss_itm": self.itm_loss(image_embeds, ids, mask, hard_negatives, all_rank)}
         if return_negatives:
-            out["negatives"] = negs
+            out["negatives"] = tuple(torch.as_tensor(h) for h in hard_negatives)
         return out
 
 
@@ -237,33 +229,41 @@ class BlipPretrain(_Contrastive):
                return_negatives=False, generator=None):
         """loss_ita + loss_itm + loss_lm, as the original pretraining forward (momentum_update() first)."""
         b = pixel_values.shape[0]
-        pos_fn = lambda: torch.eye(b, b + self.image_queue.shape[1], device=self.device)
-        itc = self._itc(pixel_values, texts, pos_fn, alpha, update_queue)
-        all_rank = self.cfg.negative_all_rank and dist.get_world_size() > 1
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_embeds, image_feat = self.image_features(pixel_values)
+        ids, mask, text_feat = self.text_features(texts)
+        image_feat_m, text_feat_m = self.momentum_features(pixel_values, ids, mask)
+        positives = torch.eye(b, b + self.image_queue.shape[1], device=self.device)
+        loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
+                                              self.text_queue, self.temp, alpha, positives)
+        if update_queue:
+            self.enqueue(image_feat_m, text_feat_m)
 
-        def weights():  # softmax of the ITC logits (online × momentum), +1e-4, each pair's own positive zeroed
+        # hard negatives: softmax of the ITC logits (online × momentum) + 1e-4, each pair's own positive zeroed
+        all_rank = self.cfg.negative_all_rank and dist.get_world_size() > 1
+        if hard_negatives is None:
             with torch.no_grad():
-                if not all_rank:  # the original: the local batch's columns of the logits already computed
-                    w_t2i = F.softmax(itc.sim_t2i[:, :b].float(), dim=1) + 1e-4
-                    w_i2t = F.softmax(itc.sim_i2t[:, :b].float(), dim=1) + 1e-4
-                    return w_t2i.fill_diagonal_(0), w_i2t.fill_diagonal_(0)
-                # option: the same logits over the whole global batch
-                image_m, text_m = dist.all_gather_no_grad(itc.image_feat_m), dist.all_gather_no_grad(itc.text_feat_m)
-                w_t2i = F.softmax((itc.text_feat @ image_m.t() / self.temp).float(), dim=1) + 1e-4
-                w_i2t = F.softmax((itc.image_feat @ text_m.t() / self.temp).float(), dim=1) + 1e-4
-                own = torch.arange(b, device=self.device) + dist.get_rank() * b
+                if all_rank:  # option: the same logits over the whole global batch
+                    image_m, text_m = dist.all_gather_no_grad(image_feat_m), dist.all_gather_no_grad(text_feat_m)
+                    sim_t2i, sim_i2t = text_feat @ image_m.t() / self.temp, image_feat @ text_m.t() / self.temp
+                    own = torch.arange(b, device=self.device) + dist.get_rank() * b
+                else:  # the original: the local batch's columns of the logits already computed
+                    sim_t2i, sim_i2t = sim_t2i[:, :b], sim_i2t[:, :b]
+                    own = torch.arange(b, device=self.device)
+                w_t2i = F.softmax(sim_t2i.float(), dim=1) + 1e-4
+                w_i2t = F.softmax(sim_i2t.float(), dim=1) + 1e-4
                 rows = torch.arange(b, device=self.device)
                 w_t2i[rows, own] = 0
                 w_i2t[rows, own] = 0
-                return w_t2i, w_i2t
+                hard_negatives = draw_hard_negatives(w_t2i, w_i2t, generator=generator)
+        loss_itm = self.itm_loss(image_embeds, ids, mask, hard_negatives, all_rank)
 
-        loss_itm, negs = self._itm(itc.image_embeds, itc.ids, itc.mask, weights, hard_negatives, all_rank, generator)
-
-        dec_ids = itc.ids.clone()
+        dec_ids = ids.clone()
         dec_ids[:, 0] = DEC_ID
         targets = dec_ids.masked_fill(dec_ids == PAD_ID, -100)
-        loss_lm = self.text_decoder.loss(dec_ids, targets, itc.mask, itc.image_embeds)
-        out = {"loss_ita": itc.loss_ita, "loss_itm": loss_itm, "loss_lm": loss_lm}
+        loss_lm = self.text_decoder.loss(dec_ids, targets, mask, image_embeds)
+        out = {"loss_ita": loss_ita, "loss_itm": loss_itm, "loss_lm": loss_lm}
         if return_negatives:
-            out["negatives"] = negs
+            out["negatives"] = tuple(torch.as_tensor(h) for h in hard_negatives)
         return out

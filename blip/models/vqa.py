@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..generation import generate_ids
+from ..generation import Decoding, generate_ids
 from ..med import TextDecoder, TextModel
-from ..tokenizer import DEC_ID, ENC_ID, PAD_ID, SEP_ID, decode
+from ..tokenizer import DEC_ID, ENC_ID, PAD_ID, decode
 from .base import BlipModel
 
 
@@ -47,8 +47,8 @@ class BlipVQA(BlipModel):
         if method == "generate":
             # The original attends to every question position here, padding included.
             prompt = torch.full((len(questions), 1), DEC_ID, dtype=torch.long, device=self.device)
-            ids = generate_ids(self.text_decoder, states, prompt, num_beams=num_beams, max_length=max_length,
-                               min_length=min_length, eos_id=SEP_ID, pad_id=PAD_ID)
+            how = Decoding(num_beams=num_beams, max_length=max_length, min_length=min_length)
+            ids = generate_ids(self.text_decoder, states, prompt, how)
             return [decode(seq) for seq in ids]
         if method != "rank":
             raise ValueError(f"method must be 'generate' or 'rank', got {method!r}")
