@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -242,19 +243,49 @@ def _set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def previous_checkpoint(path) -> Path:
+    return Path(path).with_name(Path(path).name.replace("_latest", "_previous"))
+
+
 def save_training_state(path, model, optimizer, scaler, progress, cfg):
-    """Everything needed to continue exactly: called on every rank (RNG states are gathered), rank 0 writes."""
+    """Everything needed to continue exactly: called on every rank (RNG states are gathered), rank 0 writes.
+    The checkpoint it replaces is kept as checkpoint_previous.pt, a fallback should the latest be damaged later
+    (a full disk, a copy cut short)."""
     rngs = dist.all_gather_object(_rng_state())
     if dist.is_main():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "progress": progress, "rng": rngs, "config": cfg.to_dict()}
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: (torch.save(state, tmp), _keep_previous(path)))
     dist.barrier()
 
 
+def _keep_previous(path):
+    """checkpoint_latest.pt -> checkpoint_previous.pt, leaving the latest in place until the new one replaces it
+    (a hard link: no copy, and no moment without a latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    prev, tmp = previous_checkpoint(path), path.with_name(path.name + ".prev.tmp")
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        os.link(path, tmp)
+    except OSError:  # no hard links on this file system: a copy
+        import shutil
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, prev)
+
+
 def load_training_state(path, model, optimizer, scaler):
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}") from None
+    except Exception as e:  # a truncated or corrupt file: say which, and what to resume from instead
+        fallback = previous_checkpoint(path)
+        hint = f"; resume from the one before it: --resume {fallback}" if fallback.exists() else ""
+        raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}){hint}") from e
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state["scaler"] is not None:
