@@ -26,7 +26,7 @@ from .schedules import SCHEDULES
 @dataclass
 class Config:
     # --- what to run ---------------------------------------------------------------------------
-    task: str = ""                      # pretrain | retrieval | caption | nocaps | vqa | nlvr | capfilt (the script checks)
+    task: str = ""                      # pretrain | retrieval | caption | nocaps | vqa | nlvr | capfilt (checked)
     seed: int = 42                      # the original's --seed default
     output_dir: str = "output"
     # --- data (original keys) ------------------------------------------------------------------

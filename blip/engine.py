@@ -15,6 +15,7 @@ model (dropout, ITM negatives): the same losses with any num_workers, and both s
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -119,7 +120,7 @@ class SeededShards(IterableDataset):
         info = torch.utils.data.get_worker_info()
         reader = dist.get_rank() * 1000 + (info.id if info else 0)
         stream = iter(self.dataset)
-        for k in range(10 ** 12):
+        for k in itertools.count():
             with private_rng(sample_seed(self.seed, self.epoch * 1009 + reader, k)):
                 sample = next(stream, None)
             if sample is None:

@@ -50,7 +50,8 @@ class Task:
 
     def ann_file(self, dataset: str, split: str, root: str | None = None) -> str:
         if dataset not in self.ann_files:
-            raise ValueError(f"{type(self).__name__}: dataset {dataset!r} unknown; choose from {sorted(self.ann_files)}")
+            raise ValueError(f"{type(self).__name__}: dataset {dataset!r} unknown; "
+                             f"choose from {sorted(self.ann_files)}")
         return os.path.join(self.cfg.ann_root if root is None else root, self.ann_files[dataset].format(split))
 
     def train_data(self, model):
