@@ -186,18 +186,20 @@ def image_transform(image_size: int, train: bool = False):
 
 
 def load_images(images, image_size: int, device=None):
-    """File paths and/or PIL images -> normalised pixel_values [n, 3, S, S]. Errors name the unreadable file."""
+    """File paths and/or PIL images -> normalised pixel_values [n, 3, S, S]. Files are read with the training
+    rules (blip.datasets.read_image: EXIF orientation applied, alpha on white, 16-bit scaled, CMYK converted);
+    an unreadable file raises ValueError naming it."""
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+    from .datasets import UnreadableImage, _to_rgb, read_image
     tf = image_transform(image_size)
     out = []
     for im in images:
         if not isinstance(im, Image.Image):
             try:
-                with Image.open(im) as f:
-                    im = f.convert("RGB")
-            except (OSError, UnidentifiedImageError) as e:
-                raise ValueError(f"cannot read image {im}: {e}") from e
-        out.append(tf(im.convert("RGB")))
+                im = read_image(im)
+            except UnreadableImage as e:
+                raise ValueError(f"cannot read image {e}") from None
+        out.append(tf(_to_rgb(im)))
     x = torch.stack(out)
     return x if device is None else x.to(device)

@@ -9,7 +9,6 @@ where a crash happened. Outputs (see `merge`): the cleaned pretraining JSON, a s
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -25,7 +24,8 @@ from . import distributed as dist
 from .checkpoint import atomic_write
 from .engine import autocast
 from .tokenizer import CLS_ID, ENC_ID, pre_caption
-from .datasets import IMAGE_EXTS, tar_caption, tar_key_ext
+from .datasets import IMAGE_EXTS
+from .shards import expand_shards, is_remote, tar_caption, tar_headers
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,14 @@ class Pair:
 
 def list_pairs(sources) -> list[Pair]:
     """Every pair of the sources, in order: JSON lists of {image, caption} (paths relative to the JSON file)
-    and webdataset shards (KEY.jpg|png|... + KEY.txt|json; globs allowed)."""
+    and webdataset shards (KEY.jpg|png|... + KEY.txt|json; globs, braces and `::` allowed, as in training).
+    Shards are read by offset (random access), so they must be local files: `pipe:` and http URLs are refused."""
     pairs = []
-    for src in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
-        for path in sorted(glob.glob(str(src))) or [str(src)]:
-            pairs += _tar_pairs(path) if path.endswith(".tar") else _json_pairs(path)
+    for path in expand_shards(sources):
+        if path.endswith(".tar") or is_remote(path):
+            pairs += _tar_pairs(path)
+        else:
+            pairs += _json_pairs(path)
     return pairs
 
 
@@ -67,22 +70,27 @@ def _json_pairs(path) -> list[Pair]:
 
 
 def _tar_pairs(path) -> list[Pair]:
-    """Pairs of a webdataset tar, reading only the text members (image bytes are located, not read)."""
+    """Pairs of a webdataset tar, reading only the text members (image bytes are located, not read). Members
+    must be adjacent per sample, as training needs them (blip.shards.ShardOrderError otherwise)."""
+    if is_remote(path):
+        raise ValueError(f"{path}: CapFilt reads shard images by offset and needs local .tar files; streamed "
+                         f"(`pipe:`, http) shards are not supported here: copy them locally first")
     samples: dict[str, dict] = {}
     with tarfile.open(path) as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, ext = tar_key_ext(m.name)
+        for key, ext, m in tar_headers(path):
             files = samples.setdefault(key, {})
             if ext in ("txt", "json"):
                 files[ext] = tar.extractfile(m).read()
-            elif ext in IMAGE_EXTS:
+            elif ext in IMAGE_EXTS and "image" not in files:
                 files["image"] = (m.offset_data, m.size, ext)
     path = os.path.abspath(path)
     out = []
     for key, files in samples.items():
-        caption = tar_caption(files)
+        try:
+            caption = tar_caption(files, f"{path}:{key}")
+        except ValueError as e:
+            log.warning("skipping %s:%s: %s", path, key, e)
+            continue
         if "image" not in files or caption is None:
             log.warning("skipping %s:%s: no image or no caption", path, key)
             continue
@@ -289,7 +297,8 @@ def merge(out_dir, n_shards: int, threshold: float, noise=None, extra: dict | No
     capfilt_summary.json and capfilt_scores.png. `noise`: per input pair, True = wrong web caption (scores the
     filter with filter_precision_recall). Returns the summary."""
     out_dir = Path(out_dir)
-    shards = [json.loads(shard_path(out_dir, i).read_text()) for i in range(n_shards)]
+    from .datasets import read_json
+    shards = [read_json(shard_path(out_dir, i)) for i in range(n_shards)]
     kept, unreadable = [], []
     counts = {s: {"candidates": 0, "kept": 0, "dropped": 0} for s in ("web", "synthetic")}
     scores = {"web": [], "synthetic": []}

@@ -8,19 +8,20 @@ DataLoader workers reaches the trainer); `bad_images` lists the paths seen by th
 """
 from __future__ import annotations
 
-import glob
 import io
+import itertools
 import json
 import logging
 import os
 import random
 import re
-import tarfile
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from .shards import ShardOrderError, count_samples, expand_shards, is_remote, stream_samples, tar_caption, tar_key_ext  # noqa: F401
 from .tokenizer import pre_caption, pre_question
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,27 @@ def _as_list(x):
     return [x] if isinstance(x, (str, os.PathLike)) else list(x)
 
 
+def read_json(path):
+    """json.load, with any error naming the file (and the line and column of a syntax error)."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
+
+
 def load_entries(path, required=()) -> list[dict]:
-    """A JSON list of dicts, each holding every `required` key, else ValueError(file, index)."""
-    with open(path) as f:
-        entries = json.load(f)
+    """A JSON list of dicts, each holding every `required` key, else ValueError naming the file and the line/column
+    (a syntax error) or the entry's index."""
+    entries = read_json(path)
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of annotation entries")
+        raise ValueError(f"{path}: expected a JSON list of annotation entries, found a {type(entries).__name__}")
     for i, e in enumerate(entries):
-        missing = [k for k in required if k not in e] if isinstance(e, dict) else list(required)
+        if not isinstance(e, dict):
+            raise ValueError(f"{path}: entry {i} is a {type(e).__name__}, not an object with fields {list(required)}")
+        missing = [k for k in required if k not in e]
         if missing:
             raise ValueError(f"{path}: entry {i} is missing required field(s) {missing}")
     return entries
@@ -57,7 +71,70 @@ def int_id(value) -> int:
     return int(digits[-1])
 
 
-# ---- image loading with skip-and-count ----
+# ---- image reading: one set of rules for training, evaluation, CapFilt and inference ----
+
+class UnreadableImage(ValueError):
+    """An image that is not read, with the reason."""
+
+
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as img2dataset does
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded PIL image -> 8-bit RGB, with the rules in README_DATA.md ("Image handling rules")."""
+    mode = img.mode
+    if mode in ("RGB",):
+        return img
+    if mode == "P" and "transparency" in img.info or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    if mode.startswith("I;16") or mode == "I":  # 16-bit greyscale (PNG): scale 0..65535 to 0..255, not clip
+        a = np.asarray(img).astype(np.float64)
+        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "F":
+        return Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "CMYK" and img.info.get("icc_profile"):
+        try:
+            from PIL import ImageCms
+            src = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+            return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # a broken profile: PIL's own CMYK -> RGB
+            pass
+    return img.convert("RGB")
+
+
+def read_image(src, name=None) -> Image.Image:
+    """Decode `src` (path or file object) fully into an 8-bit RGB PIL image, EXIF orientation applied, or raise
+    UnreadableImage naming it: missing, empty, not an image, truncated, over PIL's decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS; refused from 1x the limit, where PIL itself only warns), or a mode PIL cannot
+    convert. Never a partly decoded or clipped picture."""
+    import warnings
+    from PIL import ImageFile, ImageOps
+    name = name or str(src)
+    truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file fails, even if another library set this
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(src) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)  # a no-op without an orientation tag
+                return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UnreadableImage(f"{name}: over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels "
+                              f"({e})") from None
+    except Exception as e:  # OSError (missing, empty, not an image, truncated), SyntaxError, ValueError, ...
+        raise UnreadableImage(f"{name}: {type(e).__name__}: {e}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+
+
+class UnreadableEvalImages(RuntimeError):
+    """An evaluation dataset met unreadable images: evaluation stops, naming every one."""
+
 
 class SkipsBadImages:
     """Mixin: `load_image` returns None for an unreadable image, after logging and counting it."""
@@ -81,26 +158,59 @@ class SkipsBadImages:
     def load_image(self, src, name=None):
         name = name or str(src)
         try:
-            with Image.open(src) as img:
-                img = img.convert("RGB")  # decodes now, so a truncated file fails here
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            img = read_image(src, name)
+        except UnreadableImage as e:
             self._skipped += 1
             self._recent.append(name)
             if name not in self.bad_images:
                 self.bad_images.append(name)
-                log.warning("skipping unreadable image %s (%s: %s)", name, type(e).__name__, e)
+                log.warning("skipping unreadable image %s", e)
             return None
         return self.transform(img) if self.transform is not None else img
 
 
 class ImageDataset(SkipsBadImages, Dataset):
-    """Map-style base: subclasses implement `load(index)`, returning None when an image is bad."""
+    """Map-style base: subclasses implement `load(index)`, returning None when an image is bad, and
+    `image_files(index)`, the image paths of entry `index`.
+
+    Training (`evaluation` False) returns the next readable sample instead of an unreadable one. Evaluation
+    (`evaluation` True) never does — that would score another image under this entry's id — it stops with
+    UnreadableEvalImages naming every unreadable image of the dataset (entry index and path), so the annotation
+    file can be fixed and the scores stay comparable with everyone else's.
+    """
+
+    evaluation = False
 
     def __init__(self, transform):
         self.transform = transform
         self._init_skips()
 
+    def image_files(self, index) -> list[str]:
+        raise NotImplementedError
+
+    def unreadable(self) -> list[tuple[int, str, str]]:
+        """(entry index, path, reason) of every image of the dataset that cannot be read (decodes them all)."""
+        out = []
+        for i in range(len(self)):
+            for path in self.image_files(i):
+                try:
+                    read_image(path)
+                except UnreadableImage as e:
+                    out.append((i, path, str(e)))
+        return out
+
     def __getitem__(self, index):
+        if self.evaluation:
+            sample = self.load(index)
+            if sample is None:
+                bad = self.unreadable()
+                listing = "\n".join(f"  entry {i}: {reason}" for i, _, reason in bad[:50])
+                more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+                raise UnreadableEvalImages(
+                    f"{type(self).__name__} ({getattr(self, 'ann_file', '?')}): {len(bad)} of its images cannot be "
+                    f"read. Evaluation stops rather than score a different set of images than the annotations "
+                    f"name; fix or remove these entries:\n{listing}{more}")
+            return sample
         n = len(self)
         for k in range(n):  # the next readable sample, wrapping around
             sample = self.load((index + k) % n)
@@ -127,73 +237,57 @@ class PretrainDataset(ImageDataset):
     def __len__(self):
         return len(self.ann)
 
+    def image_files(self, index):
+        return [self.ann[index][0]]
+
     def load(self, index):
         path, caption = self.ann[index]
         image = self.load_image(path)
         return None if image is None else (image, pre_caption(caption, self.max_words))
 
 
-def tar_key_ext(member_name: str) -> tuple[str, str]:
-    """'dir/000123.jpg' -> ('dir/000123', 'jpg'): a sample's key is its path up to the first dot of the name."""
-    folder, name = os.path.split(member_name)
-    stem, _, ext = name.partition(".")
-    return os.path.join(folder, stem), ext.lower()
-
-
-def _tar_samples(path):
-    """Yield (key, {ext: bytes}) from a webdataset-style tar: consecutive files sharing a key
-    (the path up to the first dot of the file name) form one sample."""
-    key, files = None, {}
-    with tarfile.open(path) as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            k, ext = tar_key_ext(m.name)
-            if k != key:
-                if files:
-                    yield key, files
-                key, files = k, {}
-            files[ext] = tar.extractfile(m).read()
-    if files:
-        yield key, files
-
-
-def tar_caption(files: dict):
-    """A webdataset sample's caption: KEY.txt, or the 'caption' (or 'text') of KEY.json; None if neither."""
-    if "txt" in files:
-        return files["txt"].decode("utf-8")
-    if "json" in files:
-        meta = json.loads(files["json"])
-        return meta.get("caption", meta.get("text"))
-    return None
-
-
 class WebDatasetShards(SkipsBadImages, IterableDataset):
-    """Pretraining pairs from .tar shards holding KEY.jpg|png + KEY.txt|json ({"caption": ...}).
+    """Pretraining pairs streamed from webdataset tar shards: KEY.jpg|png|webp + KEY.txt and/or KEY.json
+    ({"caption": ...}), as img2dataset writes them. Yields (image, caption) like PretrainDataset.
 
-    Split over (rank, worker): whole shards when there are at least as many shards as readers,
-    otherwise every reader reads all shards and keeps every n-th sample. Yields (image, caption).
-    `set_epoch` reshuffles the shard order (when shuffle=True) identically on every rank.
+    shards: a URL string or list (`::`, braces `{00000..01242}`, globs, `pipe:CMD`, http; see blip.shards).
+    Per epoch (set_epoch), on reader r of R (rank x DataLoader worker), the pipeline is open_clip's:
+      resampled=False: shard list -> shuffled with (seed, epoch), the same on every rank -> reader r takes shards
+        r, r+R, ... (with fewer shards than readers every reader reads them all and keeps every R-th sample)
+        -> tar -> shuffle buffer of `shuffle_buffer` samples seeded by (seed, epoch, r) -> decode.
+      resampled=True: reader r draws shards with replacement, seeded by (seed, epoch, r) (an endless stream:
+        the trainer stops after an epoch), then the same buffer and decode.
+    shuffle=False reads in order, unshuffled. An epoch is `num_samples` samples (config train_num_samples) when
+    given, else the samples counted once in the tar headers of local shards; `pipe:`/http shards need num_samples.
+    Everything is seeded by (seed, epoch, reader), so a resumed epoch streams the same samples. A shard with
+    non-adjacent sample members raises blip.shards.ShardOrderError naming it and the fix.
     """
 
-    def __init__(self, shards, transform, max_words=30, shuffle=False, seed=0, rank=None, world_size=None):
-        self.shards = [p for s in _as_list(shards) for p in (sorted(glob.glob(str(s))) or [str(s)])]
+    def __init__(self, shards, transform, max_words=30, shuffle=False, seed=0, rank=None, world_size=None,
+                 num_samples=None, shuffle_buffer=1000, resampled=False):
+        self.shards = expand_shards(shards)
         self.transform, self.max_words = transform, max_words
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.rank, self.world_size = rank, world_size
+        self.num_samples, self.shuffle_buffer, self.resampled = num_samples, shuffle_buffer, resampled
+        if num_samples is not None and num_samples <= 0:
+            raise ValueError(f"num_samples (train_num_samples) must be positive, not {num_samples}")
         self._init_skips()
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
     def __len__(self):
-        """Samples in all shards (tar headers only; counted once): sizes an epoch for the trainer."""
+        """Samples per epoch over all ranks: num_samples, or counted once from the tar headers (local shards)."""
+        if self.num_samples is not None:
+            return self.num_samples
         if not hasattr(self, "_len"):
-            keys = set()
-            for shard in self.shards:
-                with tarfile.open(shard) as tar:
-                    keys.update((shard, m.name.split(".", 1)[0]) for m in tar if m.isfile())
-            self._len = len(keys)
+            remote = [s for s in self.shards if is_remote(s)]
+            if remote:
+                raise ValueError(f"cannot size an epoch of streamed shards ({remote[0]}, ...) without reading them "
+                                 f"all: set train_num_samples (the number of samples per epoch, as open_clip's "
+                                 f"--train-num-samples; img2dataset's *_stats.json 'successes' sum to it)")
+            self._len = sum(count_samples(s, IMAGE_EXTS) for s in self.shards)
         return self._len
 
     def _reader(self):
@@ -205,28 +299,41 @@ class WebDatasetShards(SkipsBadImages, IterableDataset):
         workers, wid = (info.num_workers, info.id) if info else (1, 0)
         return rank * workers + wid, world * workers
 
+    def _rng(self, what, reader):
+        return random.Random(f"{what}/{self.seed}/{self.epoch}/{reader}")  # str seeds: stable across processes
+
     def __iter__(self):
         reader, readers = self._reader()
-        shards = list(self.shards)
-        if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(shards)
-        by_shard = len(shards) >= readers
-        if by_shard:
-            shards = shards[reader::readers]
-        k = -1
-        for shard in shards:
-            for key, files in _tar_samples(shard):
-                k += 1
-                if not by_shard and k % readers != reader:
-                    continue
-                sample = self._decode(shard, key, files)
-                if sample is not None:
-                    yield sample
+        by_shard = True
+        if self.resampled:
+            rng = self._rng("resample", reader)
+            urls = (rng.choice(self.shards) for _ in itertools.count())
+        else:
+            urls = list(self.shards)
+            if self.shuffle:
+                random.Random(self.seed + self.epoch).shuffle(urls)  # the same order on every rank
+            by_shard = len(urls) >= readers
+            if by_shard:
+                urls = urls[reader::readers]
+        samples = stream_samples(urls)
+        if not by_shard:
+            samples = itertools.islice(samples, reader, None, readers)
+        if self.shuffle and self.shuffle_buffer > 1:
+            from webdataset.filters import _shuffle
+            samples = _shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng=self._rng("buffer", reader))
+        for shard, key, files in samples:
+            sample = self._decode(shard, key, files)
+            if sample is not None:
+                yield sample
 
     def _decode(self, shard, key, files):
         name = f"{shard}:{key}"
         image_ext = next((e for e in IMAGE_EXTS if e in files), None)
-        caption = tar_caption(files)
+        try:
+            caption = tar_caption(files, name)
+        except ValueError as e:
+            log.warning("skipping %s: %s", name, e)
+            return None
         if image_ext is None or caption is None:
             log.warning("skipping %s: no image or no caption (files: %s)", name, sorted(files))
             return None
@@ -254,6 +361,9 @@ class CaptionTrainDataset(ImageDataset):
     def __len__(self):
         return len(self.ann)
 
+    def image_files(self, index):
+        return [os.path.join(self.image_root, self.ann[index]["image"])]
+
     def load(self, index):
         e = self.ann[index]
         image = self.load_image(os.path.join(self.image_root, e["image"]))
@@ -270,9 +380,11 @@ class CaptionEvalDataset(ImageDataset):
     """Entries {image, ...} -> (image, image_id). image_id is the entry's `image_id` or `img_id`
     (NoCaps) when present, else the integer ending the file name (COCO_val2014_000000391895.jpg)."""
 
+    evaluation = True
+
     def __init__(self, ann_file, image_root, transform):
         super().__init__(transform)
-        self.image_root = image_root
+        self.image_root, self.ann_file = image_root, ann_file
         self.ann = load_entries(ann_file, ("image",))
         self.image_ids = []
         for i, e in enumerate(self.ann):
@@ -283,6 +395,9 @@ class CaptionEvalDataset(ImageDataset):
 
     def __len__(self):
         return len(self.ann)
+
+    def image_files(self, index):
+        return [os.path.join(self.image_root, self.ann[index]["image"])]
 
     def load(self, index):
         image = self.load_image(os.path.join(self.image_root, self.ann[index]["image"]))
@@ -297,9 +412,11 @@ class RetrievalEvalDataset(ImageDataset):
     `.txt2img` {text index: image index}, `.img2txt` {image index: [text indices]};
     items are (image, image index)."""
 
+    evaluation = True
+
     def __init__(self, ann_file, image_root, transform, max_words=30):
         super().__init__(transform)
-        self.image_root = image_root
+        self.image_root, self.ann_file = image_root, ann_file
         self.ann = load_entries(ann_file, ("image", "caption"))
         self.text, self.image, self.txt2img, self.img2txt = [], [], {}, {}
         for img_id, e in enumerate(self.ann):
@@ -312,6 +429,9 @@ class RetrievalEvalDataset(ImageDataset):
 
     def __len__(self):
         return len(self.ann)
+
+    def image_files(self, index):
+        return [os.path.join(self.image_root, self.image[index])]
 
     def load(self, index):
         image = self.load_image(os.path.join(self.image_root, self.image[index]))
@@ -342,7 +462,8 @@ class VQADataset(ImageDataset):
         super().__init__(transform)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-        self.split, self.image_root = split, image_root
+        self.split, self.image_root, self.ann_file = split, image_root, ann_files
+        self.evaluation = split == "test"
         required = ("image", "question", "answer", "dataset") if split == "train" else ("image", "question", "question_id")
         self.ann = []
         for f in _as_list(ann_files):
@@ -352,8 +473,12 @@ class VQADataset(ImageDataset):
                     raise ValueError(f"{f}: entry {i} has dataset {e['dataset']!r}, expected 'vqa' or 'vg'")
             self.ann += entries
         if isinstance(answer_list, (str, os.PathLike)):
-            with open(answer_list) as fh:
-                answer_list = json.load(fh)
+            path, answer_list = answer_list, read_json(answer_list)
+            if not isinstance(answer_list, list) or not all(isinstance(a, str) for a in answer_list):
+                bad = next((i for i, a in enumerate(answer_list) if not isinstance(a, str)), None) \
+                    if isinstance(answer_list, list) else None
+                raise ValueError(f"{path}: expected a JSON list of answer strings"
+                                 + (f"; entry {bad} is not a string" if bad is not None else ""))
         self.answer_list = answer_list
 
     def __len__(self):
@@ -361,6 +486,10 @@ class VQADataset(ImageDataset):
 
     def _root(self, e):
         return self.image_root[e.get("dataset", "vqa")] if isinstance(self.image_root, dict) else self.image_root
+
+    def image_files(self, index):
+        e = self.ann[index]
+        return [os.path.join(self._root(e), e["image"])]
 
     def load(self, index):
         e = self.ann[index]
@@ -403,7 +532,8 @@ class NLVRDataset(ImageDataset):
 
     def __init__(self, ann_file, image_root, transform, train: bool, max_words=40):
         super().__init__(transform)
-        self.image_root, self.train, self.max_words = image_root, train, max_words
+        self.image_root, self.train, self.max_words, self.ann_file = image_root, train, max_words, ann_file
+        self.evaluation = not train
         self.ann = load_entries(ann_file, ("images", "sentence", "label"))
         for i, e in enumerate(self.ann):
             if len(e["images"]) != 2 or str(e["label"]) not in ("True", "False"):
@@ -411,6 +541,9 @@ class NLVRDataset(ImageDataset):
 
     def __len__(self):
         return len(self.ann)
+
+    def image_files(self, index):
+        return [os.path.join(self.image_root, p) for p in self.ann[index]["images"]]
 
     def load(self, index):
         e = self.ann[index]
