@@ -17,8 +17,10 @@ class PretrainTask(Task):
 
     def train_data(self, model):
         cfg, transform = self.cfg, self.train_transform(model)
-        if any(str(f).endswith(".tar") for f in cfg.train_file):  # webdataset shards (globs allowed)
-            return WebDatasetShards(cfg.train_file, transform, max_words=cfg.max_words, shuffle=True, seed=cfg.seed)
+        if any(".tar" in str(f) for f in cfg.train_file):  # webdataset shards: globs, braces, pipe: URLs
+            return WebDatasetShards(cfg.train_file, transform, max_words=cfg.max_words, shuffle=True, seed=cfg.seed,
+                                    num_samples=cfg.train_num_samples, shuffle_buffer=cfg.shard_shuffle_buffer,
+                                    resampled=cfg.dataset_resampled)
         return PretrainDataset(cfg.train_file, transform, max_words=cfg.max_words)
 
     def begin_step(self, model, progress):
