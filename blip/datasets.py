@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .shards import ShardOrderError, count_samples, expand_shards, is_remote, stream_samples, tar_caption, tar_key_ext  # noqa: F401
+from .shards import (ShardOrderError, count_samples, expand_shards, is_remote, stream_samples,  # noqa: F401
+                     tar_caption, tar_key_ext)
 from .tokenizer import pre_caption, pre_question
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ def _pretrain(*overrides, **kw):
 
 
 def _rows(run_dir, event="train"):
-    return [r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+    rows = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if r["event"] == event]
 
 
 def _assert_same_weights(a, b):

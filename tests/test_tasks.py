@@ -40,7 +40,8 @@ def test_a_new_task_is_one_class_and_the_runner(tmp_path, one_thread):
     config = tmp_path / "colour.yaml"
     config.write_text("task: colour_caption\npreset: micro\nbatch_size: 4\nmax_epoch: 2\ninit_lr: 1e-3\n"
                       "num_workers: 0\nlog_every: 1\n")
-    metrics = run(ColourCaptionTask, ["--config", str(config), "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+    argv = ["--config", str(config), "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
+    metrics = run(ColourCaptionTask, argv)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["held_out_loss"] for r in rows if r["event"] == "eval"]
     assert len(evals) == 2 and evals[-1] < evals[0] and metrics["held_out_loss"] == evals[-1]  # it learns
