@@ -285,7 +285,7 @@ def classify(model, images, labels, *, templates=DEFAULT_TEMPLATES, k=5, rerank=
 
 def accuracy(rows, k=None) -> dict:
     """Top-1 and top-k accuracy (%) over the rows of `classify` that carry a true `label`."""
-    rows = [r for r in rows if r.get("label") is not None]
+    rows = [r for r in rows if r.get("label") not in (None, "")]  # CSV rows without a label read back as ""
     if not rows:
         return {}
     k = k or max(len(r["labels"]) for r in rows)

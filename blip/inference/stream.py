@@ -46,6 +46,7 @@ def stream_to_file(rows_of, items: list[Item], output, fields, *, text_field=Non
     pending = [it for it in items if item_key(it) not in done and not done.add(item_key(it))]  # dedup too
     already = len(items) - len(pending)
     mine = pending[rank::world]
+    dist.barrier()  # every rank has read what is done before any rank writes: one pending list for all
     writer = RowWriter(output if world == 1 else part_path(output, rank), fields)
     unreadable: list = []
     bar = None
@@ -211,6 +212,7 @@ def embed_to_file(rows_of, items: list[Item], output, *, texts_rows=None, chunk_
     pending = [it for it in items if it.id not in done and not done.add(it.id)]
     already = len(items) - len(pending)
     mine = pending[rank::world]
+    dist.barrier()  # every rank has listed the chunks before any rank writes one
     unreadable: list = []
     bar = None
     if progress and dist.is_main():
