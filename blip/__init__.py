@@ -5,13 +5,14 @@ Public API:
     from_transformers(hf_model) / to_transformers(model)
     image_transform(image_size, train=False), load_images(paths_or_pil, image_size)
     save_weights(model, path)
+    blip.inference: caption / answer / itm / embed_images / search / classify over whole collections (yield rows)
 """
 from __future__ import annotations
 
 from .checkpoint import CheckpointMismatchError, load_into, read_metadata, save_weights
 from .models import PRESETS, TASKS, ModelConfig
 
-__all__ = ["load_model", "from_transformers", "to_transformers", "image_transform", "load_images",
+__all__ = ["inference", "load_model", "from_transformers", "to_transformers", "image_transform", "load_images",
            "save_weights", "ModelConfig", "PRESETS", "TASKS", "CheckpointMismatchError"]
 
 
@@ -203,3 +204,6 @@ def load_images(images, image_size: int, device=None):
         out.append(tf(_to_rgb(im)))
     x = torch.stack(out)
     return x if device is None else x.to(device)
+
+
+from . import inference  # noqa: E402  (after the API above: it imports blip.datasets)

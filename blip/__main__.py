@@ -1,29 +1,44 @@
-"""Command line: caption images, answer questions about them, score image-text matches.
+"""Command line (`blip ...` once installed, or `python -m blip ...`): run BLIP over whole image collections.
 
-    python -m blip caption IMG... [--checkpoint PATH] [--beams 3 --max-length 20 --min-length 5]
-                                  [--sample --top-p 0.9] [--prompt 'a picture of ']
-    python -m blip answer IMG... --question "..." [--checkpoint PATH] [--rank --answer-list FILE]
-    python -m blip itm IMG... --text "..." [--text "..."] [--checkpoint PATH]
+    blip caption  SOURCES... [-o caps.jsonl] [--beams 3 --max-length 20 --min-length 5] [--sample --top-p 0.9
+                  --num-captions N] [--prompt 'a picture of ']
+    blip answer   SOURCES... (--question "..." | --questions q.json|q.csv) [--rank --answer-list FILE]
+    blip itm      SOURCES... [--text "..." ...]      every image x every text; without --text: the pairs of a JSON
+                                                     annotation file ([{image, caption}])
+    blip embed    SOURCES... -o gallery.safetensors [--text "..." | --texts FILE]   (or gallery.npy + .ids.json)
+    blip search   --gallery gallery.safetensors --query "..." [--queries FILE] [--k 5] [--rerank 20] [--faiss]
+    blip classify SOURCES... [--labels a,b,c | --labels-file F] [--template "a photo of a {}."] [--k 5]
+                  [--rerank 3] [--truth labels.csv]   accuracy when sub-folders (one per class) or --truth give labels
 
-Common: --set KEY=VALUE ... (model options, values read as YAML/JSON: `--set vit=large image_size=480`,
-`--set 'med_config={"hidden_size": 256}'` or `--set med_config.hidden_size=256`), --device cuda|cpu
-(default: cuda when available), --bf16 (bfloat16 autocast), --batch-size, --json (one JSON object per
-line). Without --checkpoint the model has random weights (a warning says so): useful only offline, to try
-the pipeline. Our .safetensors and transformers directories carry their model options; an original .pth
-does not: give its sizes with --set (e.g. `--set vit=large` for model_large_caption.pth).
+SOURCES: image files, folders (recursive), globs ('photos/**/*.jpg'), a .txt file of paths, a .json annotation
+file, local .tar shards (`shards/{000..009}.tar`). Images are decoded in --workers DataLoader workers and run
+in batches of --batch-size; --bf16 / --fp16 autocast; --device. Unreadable images are skipped and named.
+
+With -o/--output FILE (.jsonl or .csv) rows are streamed to the file, flushed as they come; a rerun with the
+same output skips what is done; the summary goes to FILE's `.summary.json`. Under `torchrun --nproc_per_node N
+-m blip ...` each rank takes a part and rank 0 merges them. Without --output rows are printed (--json: one JSON
+object a line).
+
+Model: --checkpoint (original .pth, our .safetensors or a transformers directory; none: RANDOM weights, a
+warning says so), --set KEY=VALUE model options (`--set vit=large image_size=480`, `--set med_config.hidden_size=256`;
+an original .pth carries no sizes: give them here). embed/search/classify/itm build `--task itm` (the original's
+ITM model, [CLS] first); a retrieval or pretraining checkpoint: `--task retrieval|pretrain` ([ENC] first).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 # The original's evaluation image sizes, used when neither --set nor the checkpoint gives one.
-DEFAULT_IMAGE_SIZE = {"caption": 384, "itm": 384, "vqa": 480}
-COMMAND_TASK = {"caption": "caption", "answer": "vqa", "itm": "itm"}
+DEFAULT_IMAGE_SIZE = {"caption": 384, "itm": 384, "retrieval": 384, "pretrain": 384, "vqa": 480}
+COMMAND_TASK = {"caption": "caption", "answer": "vqa"}
+FIELDS = {"caption": ["image", "caption"], "answer": ["image", "question", "answer"],
+          "itm": ["image", "text", "itm", "itc"], "classify": ["image", "labels", "scores", "label"],
+          "search": ["query", "rank", "image", "score", "itc"]}
 
 
 def parse_sets(items) -> dict:
@@ -45,33 +60,48 @@ def parse_sets(items) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m blip", description=__doc__.split("\n\n")[0])
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("images", nargs="+", help="image files")
-    common.add_argument("--checkpoint", help="original .pth, our .safetensors or a transformers directory "
-                                             "(none: random weights)")
-    common.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="model options (see blip.ModelConfig), e.g. vit=large image_size=480")
-    common.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    common.add_argument("--bf16", action="store_true", help="run under bfloat16 autocast")
-    common.add_argument("--batch-size", type=int, default=8)
-    common.add_argument("--json", action="store_true", help="one JSON object per line")
-    common.add_argument("-v", "--verbose", action="store_true", help="log what the checkpoint loader did")
+    p = argparse.ArgumentParser(prog="blip", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--checkpoint", help="original .pth, our .safetensors or a transformers directory "
+                                            "(none: random weights)")
+    model.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="model options (see blip.ModelConfig), e.g. vit=large image_size=480")
+    model.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    prec = model.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    prec.add_argument("--fp16", action="store_true", help="float16 autocast")
+    model.add_argument("--batch-size", type=int, default=8)
+    model.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (0: in-process)")
+    model.add_argument("-o", "--output", help="stream rows to this .jsonl or .csv (resumable)")
+    model.add_argument("--json", action="store_true", help="printed rows: one JSON object per line")
+    model.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model.add_argument("-v", "--verbose", action="store_true", help="log what the checkpoint loader did")
+    images = argparse.ArgumentParser(add_help=False)
+    images.add_argument("images", nargs="+", metavar="SOURCE",
+                        help="image files, folders, globs, a .txt of paths, a .json annotation file, .tar shards")
+    itc = argparse.ArgumentParser(add_help=False)
+    itc.add_argument("--task", default="itm", choices=["itm", "retrieval", "pretrain"],
+                     help="the model class the checkpoint is loaded into (itm: [CLS] first for ITM; "
+                          "retrieval/pretrain: [ENC] first)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("caption", parents=[common], help="caption images (beam search or nucleus sampling)")
+    c = sub.add_parser("caption", parents=[images, model], help="caption images (beam search or nucleus sampling)")
     c.add_argument("--beams", type=int, default=3)
     c.add_argument("--max-length", type=int, default=20, help="tokens, the prompt's included")
     c.add_argument("--min-length", type=int, default=5)
     c.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
     c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--num-captions", type=int, default=1, help="captions per image (with --sample)")
     c.add_argument("--repetition-penalty", type=float,
                    help="default 1.0 for beam search, 1.1 for sampling (the original's)")
     c.add_argument("--prompt", help="default: the model's ('a picture of ')")
     c.add_argument("--seed", type=int, default=0, help="sampling seed")
 
-    a = sub.add_parser("answer", parents=[common], help="answer a question about each image (VQA)")
-    a.add_argument("--question", required=True)
+    a = sub.add_parser("answer", parents=[images, model], help="answer questions about images (VQA)")
+    q = a.add_mutually_exclusive_group(required=True)
+    q.add_argument("--question", help="one question for every image")
+    q.add_argument("--questions", help="per-image questions: JSON {image: question} / [{image, question}] or CSV")
     a.add_argument("--rank", action="store_true", help="rank --answer-list instead of generating")
     a.add_argument("--answer-list", help="JSON list of answers (answer_list.json) or a text file, one a line")
     a.add_argument("--k", type=int, default=128, help="answers re-ranked in full (rank mode)")
@@ -79,8 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-length", type=int, default=10)
     a.add_argument("--min-length", type=int, default=1)
 
-    m = sub.add_parser("itm", parents=[common], help="image-text matching probability and ITC similarity")
-    m.add_argument("--text", action="append", required=True, help="repeat for several texts")
+    m = sub.add_parser("itm", parents=[images, model, itc], help="image-text matching probability and ITC similarity")
+    m.add_argument("--text", action="append", help="repeat for several texts (every image x every text)")
+    m.add_argument("--texts", help="a file of texts, one a line")
+
+    e = sub.add_parser("embed", parents=[model, itc], help="ITC features of images and/or texts to one file")
+    e.add_argument("images", nargs="*", metavar="SOURCE")
+    e.add_argument("--text", action="append", help="texts to embed too (repeat)")
+    e.add_argument("--texts", help="a file of texts to embed, one a line")
+
+    s = sub.add_parser("search", parents=[model, itc], help="text queries against an embedded gallery")
+    s.add_argument("--gallery", required=True, help="the output of `blip embed` (.safetensors or .npy)")
+    s.add_argument("--query", action="append", help="repeat for several queries")
+    s.add_argument("--queries", help="a file of queries, one a line")
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--rerank", type=int, default=0, help="re-rank the top N by ITM (reads those images)")
+    s.add_argument("--faiss", action="store_true", help="use FAISS (pip install faiss-cpu); by default it is "
+                                                        "used when installed and the gallery is over 100,000 images")
+
+    k = sub.add_parser("classify", parents=[images, model, itc], help="zero-shot classification")
+    k.add_argument("--labels", help="comma-separated label names (default: the class sub-folders' names)")
+    k.add_argument("--labels-file", help="label names, one a line")
+    k.add_argument("--template", action="append", help="prompt template with {} (repeat; default: "
+                                                       "'a picture of a {}.' and 'a photo of a {}.')")
+    k.add_argument("--k", type=int, default=5, help="labels per image")
+    k.add_argument("--rerank", type=int, default=0, help="re-rank the top N labels by ITM")
+    k.add_argument("--truth", help="CSV `image,label` of true labels (for accuracy)")
     return p
 
 
@@ -95,9 +149,11 @@ def read_answer_list(path) -> list[str]:
     return answers
 
 
-def load(task: str, args):
-    import torch
+def read_lines(path) -> list[str]:
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
+
+def load(task: str, args, device):
     from . import load_model
     from .checkpoint import read_metadata
     options = parse_sets(args.set)
@@ -107,20 +163,12 @@ def load(task: str, args):
     stored = args.checkpoint is not None and bool(read_metadata(args.checkpoint))  # carries its sizes
     if "image_size" not in options and not stored:
         options["image_size"] = DEFAULT_IMAGE_SIZE[task]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but CUDA is not available")
-    model = load_model(task, args.checkpoint, **options).to(device)
-    return model, device
-
-
-def batches(items, size):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+    return load_model(task, args.checkpoint, **options).to(device).eval()
 
 
 def main(argv=None) -> int:
-    """Run the command line; returns the exit status (2 with a one-line message on bad input)."""
+    """Run the command line; returns the exit status (2 with a one-line message on bad input, or when no image
+    could be read at all)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "answer" and args.rank != bool(args.answer_list):
@@ -129,60 +177,195 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from .checkpoint import CheckpointMismatchError
     try:
-        rows = run(args)
-    except (FileNotFoundError, ValueError, TypeError, CheckpointMismatchError) as e:
+        return run(args)
+    except (FileNotFoundError, ValueError, TypeError, ImportError, CheckpointMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for r in rows:
-        if args.json:
-            print(json.dumps(r))
-        elif args.command == "caption":
-            print(f"{r['image']}\t{r['caption']}")
-        elif args.command == "answer":
-            print(f"{r['image']}\t{r['answer']}")
-        else:
-            print(f"{r['image']}\t{r['text']}\titm={r['itm']:.4f}\titc={r['itc']:.4f}")
+
+
+def _print_row(args, r):
+    if args.json:
+        print(json.dumps(r, ensure_ascii=False), flush=True)
+    elif args.command == "caption":
+        print(f"{r['image']}\t{r['caption'] if 'caption' in r else ' | '.join(r['captions'])}", flush=True)
+    elif args.command == "answer":
+        print(f"{r['image']}\t{r['answer']}", flush=True)
+    elif args.command == "itm":
+        print(f"{r['image']}\t{r['text']}\titm={r['itm']:.4f}\titc={r['itc']:.4f}", flush=True)
+    elif args.command == "classify":
+        tops = ", ".join(f"{label} {s:.3f}" for label, s in zip(r["labels"], r["scores"]))
+        print(f"{r['image']}\t{tops}", flush=True)
+    elif args.command == "search":
+        print(f"{r['query']}\t{r['rank']}\t{r['image']}\t{r['score']:.4f}", flush=True)
+
+
+def run(args) -> int:
+    import torch
+
+    from . import distributed as dist
+    from . import inference as inf
+    from .tokenizer import pre_caption, pre_question
+
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if not args.output and args.command != "search":
+            raise ValueError("under torchrun give --output: the ranks' parts are merged into it")
+        _, _, _, device = dist.init_distributed(args.device)
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda, but CUDA is not available")
+    try:
+        return _run(args, device, precision, dist, inf, pre_caption, pre_question)
+    finally:
+        dist.cleanup()
+
+
+def _texts(args) -> list[str] | None:
+    texts = list(args.text or [])
+    if getattr(args, "texts", None):
+        texts += read_lines(args.texts)
+    return texts or None
+
+
+def _run(args, device, precision, dist, inf, pre_caption, pre_question) -> int:
+    common = dict(precision=precision, workers=args.workers)
+    if args.command == "search":
+        return _search(args, device, common, dist, inf)
+    items = inf.collect(args.images) if args.images else []
+    text_field, clean, extra = None, None, None
+    if args.command == "caption":
+        model = load("caption", args, device)
+        rows_of = lambda its, bad: inf.caption(  # noqa: E731
+            model, its, batch_size=args.batch_size, num_beams=args.beams, max_length=args.max_length,
+            min_length=args.min_length, repetition_penalty=args.repetition_penalty, sample=args.sample,
+            top_p=args.top_p, prompt=args.prompt, num_captions=args.num_captions, seed=args.seed, unreadable=bad,
+            **common)
+        fields = ["image", "caption"] if args.num_captions == 1 else ["image", "captions"]
+        if args.num_captions > 1 and not args.sample:
+            raise ValueError("--num-captions > 1 needs --sample (beam search gives one caption per image)")
+    elif args.command == "answer":
+        answers = read_answer_list(args.answer_list) if args.rank else None
+        if args.questions:
+            items = inf.with_texts(items, args.questions)
+            text_field, clean = "question", pre_question
+        model = load("vqa", args, device)
+        rows_of = lambda its, bad: inf.answer(  # noqa: E731
+            model, its, args.question, batch_size=args.batch_size, method="rank" if args.rank else "generate",
+            answer_list=answers, k=args.k, num_beams=args.beams, max_length=args.max_length,
+            min_length=args.min_length, unreadable=bad, **common)
+        fields = FIELDS["answer"]
+    elif args.command == "itm":
+        texts = _texts(args)
+        if texts is None:
+            text_field, clean = "text", pre_caption
+            if not any(it.text for it in items):
+                raise ValueError("itm needs --text (every image x every text) or a JSON annotation file of pairs")
+        model = load(args.task, args, device)
+        rows_of = lambda its, bad: inf.itm(model, its, texts, batch_size=args.batch_size,  # noqa: E731
+                                           unreadable=bad, **common)
+        fields = FIELDS["itm"]
+    elif args.command == "embed":
+        return _embed(args, device, common, dist, inf, items)
+    else:  # classify
+        labels = _labels(args, items, inf)
+        model = load(args.task, args, device)
+        templates = tuple(args.template) if args.template else inf.DEFAULT_TEMPLATES
+        rows_of = lambda its, bad: inf.classify(  # noqa: E731
+            model, its, labels, templates=templates, k=args.k, rerank=args.rerank, batch_size=args.batch_size,
+            unreadable=bad, **common)
+        fields = FIELDS["classify"]
+
+        def extra(rows):
+            acc = inf.accuracy(rows, args.k)
+            return {} if not acc else {"accuracy_n": acc["n"], "accuracy_top1": acc["top1"],
+                                       "accuracy_topk": acc[f"top{min(args.k, len(labels))}"], "k": args.k}
+
+    if not items:
+        raise ValueError(f"no images in {args.images}")
+    if args.output:
+        summary = inf.stream_to_file(rows_of, items, args.output, fields, text_field=text_field, clean=clean,
+                                     progress=not args.no_progress, extra_summary=extra)
+        inf.print_summary(summary)
+        if summary is not None and summary["done_now"] == 0 and summary["already_done"] == 0 and summary["unreadable"]:
+            return 2
+        return 0
+    bad, rows = [], []
+    for row in rows_of(items, bad):
+        _print_row(args, row)
+        rows.append(row) if extra is not None else None
+    for it, why in bad:
+        print(f"unreadable: {why}", file=sys.stderr)
+    if extra is not None:
+        for k, v in extra(rows).items():
+            print(f"{k}: {v}", file=sys.stderr)
+    if bad:
+        done = len(items) - len(bad)
+        print(f"{done} of {len(items)} images done, {len(bad)} unreadable (listed above)", file=sys.stderr)
+        if done == 0:
+            return 2
     return 0
 
 
-def run(args) -> list[dict]:
-    """The command's results, one dict per output line."""
-    import torch
+def _labels(args, items, inf) -> list[str]:
+    if args.truth:
+        truth = inf.read_labels_csv(args.truth)
+        items[:] = [inf.Item(it.id, it.tar, it.offset, it.size, truth.get(it.id, truth.get(os.path.abspath(it.id), it.label)), it.text) for it in items]
+    if args.labels:
+        return [x.strip() for x in args.labels.split(",") if x.strip()]
+    if args.labels_file:
+        return read_lines(args.labels_file)
+    found = sorted({it.label for it in items if it.label is not None})
+    if not found:
+        raise ValueError("classify needs --labels, --labels-file, class sub-folders or --truth")
+    return found
 
-    from . import load_images
-    from .tokenizer import pre_caption, pre_question
 
-    answers = read_answer_list(args.answer_list) if args.command == "answer" and args.rank else None
-    model, device = load(COMMAND_TASK[args.command], args)
-    size = model.cfg.image_size
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
-    rows = []
-    generator = torch.Generator(device).manual_seed(args.seed) if args.command == "caption" else None
-    for paths in batches(args.images, args.batch_size):
-        x = load_images(paths, size, device=device)
-        with torch.inference_mode(), autocast:
-            if args.command == "caption":
-                rep = args.repetition_penalty
-                rep = (1.1 if args.sample else 1.0) if rep is None else rep
-                caps = model.generate(x, num_beams=args.beams, max_length=args.max_length,
-                                      min_length=args.min_length, repetition_penalty=rep, sample=args.sample,
-                                      top_p=args.top_p, prompt=args.prompt, generator=generator)
-                rows += [{"image": str(p), "caption": c} for p, c in zip(paths, caps)]
-            elif args.command == "answer":
-                q = pre_question(args.question)
-                out = model.answer(x, [q] * len(paths), method="rank" if args.rank else "generate",
-                                   answer_list=answers, k=args.k, num_beams=args.beams,
-                                   max_length=args.max_length, min_length=args.min_length)
-                rows += [{"image": str(p), "question": q, "answer": a} for p, a in zip(paths, out)]
-            else:
-                texts = [pre_caption(t) for t in args.text]
-                n = len(texts)
-                prob = model.itm_score(x.repeat_interleave(n, 0), texts * len(paths)).view(len(paths), n)
-                sim = model.itc_similarity(x, texts).float()
-                rows += [{"image": str(p), "text": t, "itm": prob[i, j].item(), "itc": sim[i, j].item()}
-                         for i, p in enumerate(paths) for j, t in enumerate(texts)]
-    return rows
+def _embed(args, device, common, dist, inf, items) -> int:
+    texts = _texts(args)
+    if not args.output:
+        raise ValueError("embed needs --output FILE.safetensors (or FILE.npy)")
+    if not items and texts is None:
+        raise ValueError("embed needs image sources and/or --text/--texts")
+    model = load(args.task, args, device)
+    rows_of = lambda its, bad: inf.embed_images(model, its, batch_size=args.batch_size,  # noqa: E731
+                                                unreadable=bad, **common)
+    texts_rows = None if texts is None else inf.embed_texts(model, texts, precision=common["precision"])
+    summary = inf.embed_to_file(rows_of, items, args.output, texts_rows=texts_rows, progress=not args.no_progress)
+    inf.print_summary(summary, "embedded")
+    return 0
+
+
+def _search(args, device, common, dist, inf) -> int:
+    queries = list(args.query or []) + (read_lines(args.queries) if args.queries else [])
+    if not queries:
+        raise ValueError("search needs --query or --queries")
+    gallery = inf.read_embeddings(args.gallery)
+    if "image_embeds" not in gallery:
+        raise ValueError(f"{args.gallery}: holds no image embeddings")
+    model = load(args.task, args, device)
+    bad = []
+    rows = inf.search(model, gallery["image_ids"], gallery["image_embeds"].to(device), queries, k=args.k,
+                      rerank=args.rerank, use_faiss=True if args.faiss else None, unreadable=bad, **common)
+    if dist.is_main():
+        writer = None
+        if args.output:
+            if os.path.exists(args.output):
+                os.remove(args.output)  # a search is quick: rerun whole
+            writer = inf.outputs.RowWriter(args.output, FIELDS["search"])
+        for r in rows:
+            writer.write([r]) if writer else _print_row(args, r)
+        if writer:
+            writer.close()
+        for it, why in bad:
+            print(f"unreadable: {why}", file=sys.stderr)
+    return 0
+
+
+def main_exit():
+    """The `blip` console script."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_exit()

@@ -126,6 +126,9 @@ def _one_path(decoder, cross_kv, encoder_mask, ids, how: Decoding, generator):
 
 
 def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, how: Decoding):
+    """Batched beam search. An input whose search is done leaves the batch at once (its rows, cache and image K/V
+    dropped): with length penalty 1 and no early stopping its beams could never change its result, and the other
+    inputs' rows are computed independently of it."""
     nb, max_length, eos_id = how.num_beams, how.max_length, how.eos_id
     b = prompt_ids.shape[0]
     ids = prompt_ids.repeat_interleave(nb, dim=0)
@@ -134,36 +137,34 @@ def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, how: Decoding):
     beam_scores = beam_scores.view(-1)
     hyps = [_Hypotheses(nb) for _ in range(b)]
     done = [False] * b
+    active = list(range(b))  # the input each slot of the batch holds
     past, new = None, ids
     while True:
         logits, past = _step(decoder, new, cross_kv, encoder_mask, past)
         scores = _process(F.log_softmax(logits, -1), ids, min_length=how.min_length, eos_id=eos_id,
                           repetition_penalty=how.repetition_penalty)
-        vocab = scores.shape[-1]
-        scores = (scores + beam_scores[:, None]).view(b, nb * vocab)
+        n, vocab = len(active), scores.shape[-1]
+        scores = (scores + beam_scores[:, None]).view(n, nb * vocab)
         top_scores, top_tokens = torch.topk(scores, 2 * nb, dim=1)
         top_beams, top_tokens = top_tokens // vocab, top_tokens % vocab
         cur_len = ids.shape[1]
-        next_scores = torch.zeros(b, nb, device=ids.device)
-        next_tokens = torch.zeros(b, nb, dtype=torch.long, device=ids.device)
-        next_src = torch.zeros(b, nb, dtype=torch.long, device=ids.device)
+        next_scores = torch.zeros(n, nb, device=ids.device)
+        next_tokens = torch.zeros(n, nb, dtype=torch.long, device=ids.device)
+        next_src = torch.zeros(n, nb, dtype=torch.long, device=ids.device)
         ts, tt, tb = top_scores.tolist(), top_tokens.tolist(), top_beams.tolist()
-        for i in range(b):
-            if done[i]:
-                next_src[i] = i * nb  # finished inputs keep running on padding; their beams are ignored
-                continue
+        for slot, i in enumerate(active):
             k = 0
-            for rank, (score, tok, beam) in enumerate(zip(ts[i], tt[i], tb[i])):
-                src = i * nb + beam
+            for rank, (score, tok, beam) in enumerate(zip(ts[slot], tt[slot], tb[slot])):
+                src = slot * nb + beam
                 if tok == eos_id:
                     if rank < nb:
                         hyps[i].add(ids[src].tolist(), score)
                 else:
-                    next_scores[i, k], next_tokens[i, k], next_src[i, k] = score, tok, src
+                    next_scores[slot, k], next_tokens[slot, k], next_src[slot, k] = score, tok, src
                     k += 1
                 if k == nb:
                     break
-            done[i] = done[i] or hyps[i].is_done(max(ts[i]), cur_len)
+            done[i] = hyps[i].is_done(max(ts[slot]), cur_len)
         src = next_src.view(-1)
         beam_scores = next_scores.view(-1)
         ids = torch.cat([ids[src], next_tokens.view(-1, 1)], 1)
@@ -171,11 +172,21 @@ def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, how: Decoding):
         past = [(k.index_select(0, src), v.index_select(0, src)) for k, v in past]
         if all(done) or ids.shape[1] >= max_length:
             break
-    out = []
-    for i in range(b):
+        keep = [slot for slot, i in enumerate(active) if not done[i]]
+        if len(keep) < len(active):  # finished inputs leave the batch
+            slots = torch.tensor(keep, device=ids.device)
+            rows = (slots[:, None] * nb + torch.arange(nb, device=ids.device)).view(-1)
+            ids, new, beam_scores = ids[rows], new[rows], beam_scores[rows]
+            past = [(k[rows], v[rows]) for k, v in past]
+            cross_kv = [(k[slots], v[slots]) for k, v in cross_kv]
+            encoder_mask = None if encoder_mask is None else encoder_mask[slots]
+            active = [active[slot] for slot in keep]
+    for slot, i in enumerate(active):
         if not done[i]:
             for j in range(nb):
-                hyps[i].add(ids[i * nb + j].tolist(), beam_scores[i * nb + j].item())
+                hyps[i].add(ids[slot * nb + j].tolist(), beam_scores[slot * nb + j].item())
+    out = []
+    for i in range(b):
         best = hyps[i].best()
         # as 4.15's finalize: a hypothesis that ended on [SEP] (shorter than max_length) gets it back
         out.append(best + [eos_id] if len(best) < max_length else best)

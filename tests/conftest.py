@@ -26,3 +26,22 @@ def launch(script, *args, nproc=1, cwd=None, timeout=300, env=None):
                           text=True, timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+@pytest.fixture(scope="session")
+def shapes_main_job(tmp_path_factory):
+    """The README's main job (configs/shapes_main.yaml: a tiny BLIP pretrained from scratch on a 400-image shapes
+    world), run once per session at one thread and shared by the tests that need a trained model.
+    Returns (held-out metrics, run directory, world directory)."""
+    import pretrain
+    tmp = tmp_path_factory.mktemp("shapes_main")
+    world = tmp / "world"
+    shapes = "{out_dir: %s, n_train: 400, n_val: 10, n_test: 50, image_size: 32, seed: 0}" % world  # as the config
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics = pretrain.main(["--config", "configs/shapes_main.yaml", "--output-dir", str(tmp / "run"), "--set",
+                                 "shapes=" + shapes, f"train_file=[{world}/pretrain_clean.json]"])
+    finally:
+        torch.set_num_threads(threads)
+    return metrics, tmp / "run", world

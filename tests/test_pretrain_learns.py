@@ -9,23 +9,11 @@ measured run; the margin it asserts is half the measured gain.
 """
 import json
 
-import pretrain
 
-SHAPES = "{out_dir: %s, n_train: 400, n_val: 10, n_test: 50, image_size: 32, seed: 0}"  # as shapes_main.yaml
-
-
-def test_tiny_pretraining_beats_chance_on_held_out_retrieval(tmp_path, one_thread):
-    metrics = _run(tmp_path, tmp_path / "world")
+def test_tiny_pretraining_beats_chance_on_held_out_retrieval(shapes_main_job):
+    metrics, run, _ = shapes_main_job  # the README's main job, run once per session (tests/conftest.py)
     assert metrics["img_r5"] + metrics["img_r10"] >= 50.0, metrics  # chance 30, measured 70.8
-    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["event"] == "train"]
     assert train[-1]["loss_ita"] < train[0]["loss_ita"] - 0.2
-    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
-
-
-def _run(tmp_path, world):
-    """The README's main job (configs/shapes_main.yaml), writing under tmp_path."""
-    return pretrain.main([
-        "--config", "configs/shapes_main.yaml", "--output-dir", str(tmp_path / "run"), "--set",
-        "shapes=" + SHAPES % world, f"train_file=[{world}/pretrain_clean.json]",
-    ])
+    assert (run / "loss_curve.png").stat().st_size > 1000

@@ -1,0 +1,226 @@
+"""`blip caption|answer|itm|embed|search|classify` over whole collections, run as a user runs them: a folder of
+generated images with broken files among them, DataLoader workers, streamed outputs read back, a run killed with
+SIGKILL and rerun, and two gloo ranks under torchrun against one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import blip
+from blip import inference
+from blip.__main__ import main
+from tests.conftest import launch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220)}
+BROKEN = ("green/empty.jpg", "red/cut.png", "blue/not_an_image.jpg")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """50 images in one sub-folder per class (colour), JPEG and PNG of several sizes, 3 of them broken."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.RandomState(0)
+    names = list(COLORS)
+    for i in range(47):
+        color = names[i % 3]
+        d = root / color / ("sub" if i % 5 == 0 else "")
+        d.mkdir(parents=True, exist_ok=True)
+        h, w = 24 + 4 * (i % 7), 28 + 3 * (i % 5)
+        a = (rng.rand(h, w, 3) * 60 + np.array(COLORS[color]) * 0.7).clip(0, 255).astype("uint8")
+        ext = ".jpg" if i % 2 else ".png"
+        Image.fromarray(a).save(d / f"img{i:02d}{ext}")
+    (root / BROKEN[0]).write_bytes(b"")
+    good = root / "red" / "img06.png"
+    (root / BROKEN[1]).write_bytes(good.read_bytes()[:60])
+    (root / BROKEN[2]).write_text("<html>not found</html>")
+    return root
+
+
+def _saved(tmp_path_factory, task, seed=0):
+    torch.manual_seed(seed)
+    model = blip.load_model(task, preset="micro")
+    with torch.no_grad():  # outputs that differ between images
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    path = tmp_path_factory.mktemp(task) / f"{task}.safetensors"
+    blip.save_weights(model, path)
+    return model.eval(), path
+
+
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory):
+    return _saved(tmp_path_factory, "caption")
+
+
+@pytest.fixture(scope="module")
+def matcher(tmp_path_factory):
+    return _saved(tmp_path_factory, "itm")
+
+
+def cli(argv):
+    return main([str(a) for a in argv])
+
+
+def images_of(folder):
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix in (".jpg", ".png"))
+
+
+CAPTION = ["--beams", 2, "--max-length", 8, "--min-length", 2, "--device", "cpu", "--batch-size", 4,
+           "--no-progress"]
+
+
+def test_folder_with_broken_images_streams_47_rows_and_names_3(folder, captioner, tmp_path, capsys):
+    model, ckpt = captioner
+    out = tmp_path / "caps.jsonl"
+    assert cli(["caption", folder, "--checkpoint", ckpt, "-o", out, "--workers", 2, *CAPTION]) == 0
+    err = capsys.readouterr().err
+    rows = inference.read_rows(out)
+    good = [p for p in images_of(folder) if not p.endswith(BROKEN)]
+    assert [r["image"] for r in rows] == good  # input order (sorted, recursive), the broken ones left out
+    for name in BROKEN:
+        assert name.split("/")[1] in err
+    summary = json.loads((tmp_path / "caps.summary.json").read_text())
+    assert summary["done_now"] == 47 and summary["already_done"] == 0
+    assert sorted(Path(b["image"]).name for b in summary["unreadable"]) == sorted(Path(b).name for b in BROKEN)
+    # the captions are the model's, image by image (an independent path: load_images + generate)
+    want = model.generate(blip.load_images(good[:5], 32), num_beams=2, max_length=8, min_length=2)
+    assert [r["caption"] for r in rows[:5]] == want
+    # rerun: everything is done, nothing is written twice
+    assert cli(["caption", folder, "--checkpoint", ckpt, "-o", out, "--workers", 0, *CAPTION]) == 0
+    assert inference.read_rows(out) == rows
+    assert json.loads((tmp_path / "caps.summary.json").read_text())["already_done"] == 47
+
+
+def test_killed_run_resumes_to_the_uninterrupted_output(folder, captioner, tmp_path, capsys):
+    _, ckpt = captioner
+    args = ["caption", folder, "--checkpoint", ckpt, *CAPTION, "--batch-size", 1, "--workers", 1]
+    whole = tmp_path / "whole.jsonl"
+    assert cli([*args, "-o", whole]) == 0
+    cut = tmp_path / "cut.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "blip", *map(str, args), "-o", str(cut)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not cut.exists() or cut.read_text().count("\n") < 5):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = cut.read_text().count("\n")
+    assert 5 <= written < 47, written  # killed part-way
+    with open(cut, "a") as f:  # as if it died in the middle of a row
+        f.write('{"image": "' + str(folder) + '/red/img')
+    assert cli([*args, "-o", cut]) == 0
+    assert cut.read_text() == whole.read_text()
+    summary = json.loads((tmp_path / "cut.summary.json").read_text())
+    assert summary["already_done"] == written and summary["done_now"] == 47 - written
+    capsys.readouterr()
+
+
+def test_two_gloo_ranks_write_what_one_process_writes(folder, captioner, tmp_path, capsys):
+    _, ckpt = captioner
+    args = ["caption", folder, "--checkpoint", ckpt, *CAPTION, "--workers", 1]
+    assert cli([*args, "-o", tmp_path / "one.jsonl"]) == 0
+    launch("-m", "blip", *args, "-o", tmp_path / "two.jsonl", nproc=2, cwd=ROOT)
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert not list(tmp_path.glob("*.part*"))  # the ranks' parts were merged and removed
+    summary = json.loads((tmp_path / "two.summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["done_now"] == 47 and len(summary["unreadable"]) == 3
+    capsys.readouterr()
+
+
+def test_every_output_format_reads_back(folder, captioner, matcher, tmp_path, capsys):
+    _, cap_ckpt = captioner
+    model, ckpt = matcher
+    sub = folder / "blue"
+    for ext in ("jsonl", "csv"):
+        assert cli(["caption", sub, "--checkpoint", cap_ckpt, "-o", tmp_path / f"c.{ext}", *CAPTION]) == 0
+    assert inference.read_rows(tmp_path / "c.csv") == inference.read_rows(tmp_path / "c.jsonl")
+    texts = ["a red square", "a blue circle", "green"]
+    for ext in ("jsonl", "csv"):
+        argv = ["itm", sub, "--checkpoint", ckpt, "-o", tmp_path / f"m.{ext}", "--device", "cpu", "--no-progress"]
+        assert cli(argv + [a for t in texts for a in ("--text", t)]) == 0
+    js, cs = inference.read_rows(tmp_path / "m.jsonl"), inference.read_rows(tmp_path / "m.csv")
+    assert [(r["image"], r["text"]) for r in cs] == [(r["image"], r["text"]) for r in js]
+    assert np.allclose([float(r["itm"]) for r in cs], [r["itm"] for r in js], atol=1e-12)
+    good = [p for p in images_of(sub) if not p.endswith(BROKEN)]
+    assert len(js) == 3 * len(good)
+    for ext in ("jsonl", "csv"):
+        argv = ["classify", folder, "--checkpoint", ckpt, "-o", tmp_path / f"k.{ext}", "--k", 2, "--no-progress",
+                "--device", "cpu"]
+        assert cli(argv) == 0
+    kj, kc = inference.read_rows(tmp_path / "k.jsonl"), inference.read_rows(tmp_path / "k.csv")
+    assert [r["labels"] for r in kc] == [r["labels"] for r in kj] and [r["label"] for r in kc] == [r["label"] for r in kj]
+    assert all(set(r["labels"]) <= set(COLORS) for r in kj)
+    summary = json.loads((tmp_path / "k.summary.json").read_text())
+    assert summary["accuracy_n"] == 47
+    top1 = 100 * np.mean([r["labels"][0] == r["label"] for r in kj])
+    assert summary["accuracy_top1"] == pytest.approx(top1)
+    # embeddings: safetensors and .npy + ids, equal to the ITC features computed directly
+    x = blip.load_images(good, 32)
+    _, want = model.image_features(x)
+    for name in ("g.safetensors", "g.npy"):
+        assert cli(["embed", sub, "--checkpoint", ckpt, "-o", tmp_path / name, "--text", texts[0], "--text",
+                    texts[1], "--no-progress", "--device", "cpu"]) == 0
+        got = inference.read_embeddings(tmp_path / name)
+        assert got["image_ids"] == good and got["text_ids"] == texts[:2]
+        assert torch.allclose(got["image_embeds"], want, atol=1e-5)
+        assert torch.allclose(got["text_embeds"], model.text_features(texts[:2])[2], atol=1e-5)
+    # search reads that gallery back: the query's top hit is the image with the largest ITC similarity
+    for ext in ("jsonl", "csv"):
+        assert cli(["search", "--gallery", tmp_path / "g.safetensors", "--query", texts[1], "--k", 3,
+                    "--checkpoint", ckpt, "-o", tmp_path / f"s.{ext}", "--device", "cpu"]) == 0
+    sj, sc = inference.read_rows(tmp_path / "s.jsonl"), inference.read_rows(tmp_path / "s.csv")
+    sims = (want @ model.text_features([texts[1]])[2].t())[:, 0]
+    assert [r["image"] for r in sj] == [good[i] for i in sims.topk(3).indices.tolist()]
+    assert [r["image"] for r in sc] == [r["image"] for r in sj] and [int(r["rank"]) for r in sc] == [1, 2, 3]
+    capsys.readouterr()
+
+
+def test_answer_per_image_questions_from_csv(folder, tmp_path_factory, tmp_path, capsys):
+    model, ckpt = _saved(tmp_path_factory, "vqa")
+    good = [p for p in images_of(folder / "red") if not p.endswith(BROKEN)][:3]
+    qs = ["What colour is it?", "is it red", "how many"]
+    csv_file = tmp_path / "q.csv"
+    csv_file.write_text("image,question\n" + "".join(f"{os.path.relpath(p, tmp_path)},{q}\n" for p, q in zip(good, qs)))
+    out = tmp_path / "a.jsonl"
+    assert cli(["answer", *good, "--questions", csv_file, "--checkpoint", ckpt, "-o", out, "--device", "cpu",
+                "--no-progress"]) == 0
+    rows = inference.read_rows(out)
+    want = model.answer(blip.load_images(good, 32), [blip.tokenizer.pre_question(q) for q in qs])
+    assert [r["answer"] for r in rows] == want and [r["image"] for r in rows] == good
+    capsys.readouterr()
+
+
+def test_shards_and_path_lists_are_inputs(folder, tmp_path):
+    import tarfile
+    good = [p for p in images_of(folder / "green") if not p.endswith(BROKEN)][:4]
+    tar = tmp_path / "shard-000.tar"
+    with tarfile.open(tar, "w") as t:
+        for i, p in enumerate(good):
+            t.add(p, arcname=f"{i:06d}{Path(p).suffix}")
+            info = tarfile.TarInfo(f"{i:06d}.txt")
+            info.size = 3
+            import io
+            t.addfile(info, io.BytesIO(b"abc"))
+    items = inference.collect(str(tmp_path / "shard-{000..000}.tar"))
+    assert [it.id for it in items] == [f"{tar}:{i:06d}" for i in range(4)]
+    from_tar = torch.cat([x for _, x in inference.image_batches(items, 32, 2, workers=1)])
+    assert torch.equal(from_tar, blip.load_images(good, 32))
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(os.path.relpath(p, tmp_path) for p in good) + "\nmissing.png\n")
+    bad = []
+    listed = inference.collect(lst)
+    got = torch.cat([x for _, x in inference.image_batches(listed, 32, 3, workers=0, unreadable=bad)])
+    assert torch.equal(got, from_tar) and [Path(it.id).name for it, _ in bad] == ["missing.png"]
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        inference.collect(str(tmp_path / "nowhere"))
