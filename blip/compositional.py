@@ -137,7 +137,8 @@ def read_order(path, root, tagger=None, seed=0, max_words=30) -> list[Case]:
         image = _resolve(root, _field(e, "image", path, i))
         caps = _field(e, "caption", path, i)
         for c in ([caps] if isinstance(caps, str) else caps):
-            options = [pre_caption(c, max_words)] + [pre_caption(p, max_words) for p in order_perturbations(c, tagger, rng)]
+            shuffles = order_perturbations(c, tagger, rng)
+            options = [pre_caption(c, max_words)] + [pre_caption(p, max_words) for p in shuffles]
             cases.append(Case(image, options, 0))
     return cases
 

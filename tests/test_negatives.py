@@ -43,7 +43,8 @@ def _only_swapped_parts(caption, neg):
 
 def test_negatives_differ_only_in_swapped_parts():
     rng = np.random.default_rng(0)
-    captions = [c for _ in range(40) for c in pair_captions(sample_pair(rng)) + shapes.captions(shapes.sample_scene(rng))]
+    captions = [c for _ in range(40)
+                for c in pair_captions(sample_pair(rng)) + shapes.captions(shapes.sample_scene(rng))]
     n = 0
     for caption in captions:
         for neg in caption_negatives(caption, shapes_tagger):
