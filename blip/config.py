@@ -75,6 +75,7 @@ class Config:
     log_every: int = 50                 # the original's print_freq
     # --- contrastive / momentum ------------------------------------------------------------------
     alpha: float = 0.4
+    hard_negatives: dict | None = None  # NegCLIP negatives in retrieval/pretraining, e.g. {captions: 3} (blip.negatives)
     # --- evaluation / generation ---------------------------------------------------------------
     k_test: int = 256
     max_length: int = 20
@@ -92,6 +93,10 @@ class Config:
     filter_threshold: float = 0.5       # keep a text when its ITM match probability >= this
     shard_size: int = 1000              # pairs per resumable work unit
     noise_file: str = ""                # optional per-pair booleans (True = wrong caption): filter P/R
+
+    def __post_init__(self):
+        from .negatives import HardNegatives
+        HardNegatives.from_config(self.hard_negatives)  # a misspelled option is refused here, with its name
 
     @property
     def train_batch_size(self) -> int:

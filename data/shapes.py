@@ -347,6 +347,11 @@ def ensure_shapes_world(cfg) -> dict | None:
     spec = cfg if isinstance(cfg, dict) else cfg.shapes
     if not spec:
         return None
+    if spec.get("world") == "pairs":  # two-shape scenes + the compositional probe set (data/shapes_probes.py)
+        from data.shapes_probes import ensure_pair_world
+        manifest = ensure_pair_world({k: v for k, v in spec.items() if k != "world"}) if dist.is_main() else None
+        dist.barrier()
+        return manifest or json.loads((Path(spec["out_dir"]) / "manifest.json").read_text())
     out = Path(spec["out_dir"])
     stamp, written = out / "spec.json", dict(spec, version=VERSION)
     if dist.is_main() and not (stamp.exists() and json.loads(stamp.read_text()) == written):

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as dist
-from ..losses import draw_hard_negatives, itc_loss, itm_pairs
+from ..losses import draw_hard_negatives, itc_loss, itm_pairs, pick_negative_captions
 from ..med import TextDecoder, TextModel, tie_decoder_to_encoder
 from ..tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID
 from .base import BlipModel, MomentumMixin
@@ -154,9 +154,23 @@ class _Contrastive(MomentumMixin, BlipITM):
         text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
         return image_feat_m, text_feat_m
 
-    def itm_loss(self, image_embeds, ids, mask, hard_negatives, all_rank):
+    def negative_captions(self, neg_texts):
+        """Hard negative captions, one list per caption of the batch (NegCLIP) -> their text-encoder ids, mask,
+        online features, momentum features and owner rows (the caption each was made from); None if there are none."""
+        flat = [t for texts in neg_texts for t in texts]
+        if not flat:
+            return None
+        owner = torch.tensor([i for i, texts in enumerate(neg_texts) for _ in texts], device=self.device)
+        ids, mask, feat = self.text_features(flat)
+        with torch.no_grad():
+            feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
+        return ids, mask, feat, feat_m, owner
+
+    def itm_loss(self, image_embeds, ids, mask, hard_negatives, all_rank, negatives=None, generator=None):
         """ITM cross-entropy over b positives and 2b hard negatives: hard_negatives = (image index for each text,
-        text index for each image), into the local batch or, with `all_rank`, the batch of every rank."""
+        text index for each image), into the local batch or, with `all_rank`, the batch of every rank.
+        `negatives` (from negative_captions) add one row (a hard negative caption of image i, image i), label 0,
+        for each image that has one."""
         ids = ids.clone()
         ids[:, 0] = self.itm_first_token
         neg_images, neg_ids, neg_mask = image_embeds, ids, mask
@@ -168,6 +182,16 @@ class _Contrastive(MomentumMixin, BlipITM):
         image_for_text, text_for_image = (torch.as_tensor(h, device=ids.device) for h in hard_negatives)
         images, ids, mask, labels = itm_pairs(image_embeds, ids, mask, image_for_text, text_for_image,
                                               neg_images, neg_ids, neg_mask)
+        if negatives is not None:
+            rows, picked = pick_negative_captions(negatives[4], image_embeds.shape[0], generator=generator)
+            n_ids, n_mask = negatives[0][picked].clone(), negatives[1][picked]
+            n_ids[:, 0] = self.itm_first_token
+            width = max(ids.shape[1], n_ids.shape[1])
+            ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=PAD_ID),
+                             F.pad(n_ids, (0, width - n_ids.shape[1]), value=PAD_ID)])
+            mask = torch.cat([F.pad(mask, (0, width - mask.shape[1])), F.pad(n_mask, (0, width - n_mask.shape[1]))])
+            images = torch.cat([images, image_embeds[rows]])
+            labels = torch.cat([labels, labels.new_zeros(len(rows))])
         return F.cross_entropy(self.itm_logits(images, ids, mask).float(), labels)
 
 
@@ -180,10 +204,12 @@ class BlipRetrieval(_Contrastive):
         self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
 
     def losses(self, pixel_values, texts, idx, alpha=0.4, hard_negatives=None, update_queue=True,
-               return_negatives=False, generator=None):
+               return_negatives=False, generator=None, negative_captions=None):
         """loss_ita (all captions of one image index are positives) + loss_itm (hard negatives).
 
         Call `momentum_update()` first in training, as the original did at the start of its forward.
+        `negative_captions` (one list of strings per caption, blip.negatives): NegCLIP's hard negative captions,
+        extra image->text ITC negatives and one more ITM negative row per image (off when None: the original).
         """
         idx = torch.as_tensor(idx, device=self.device).view(-1, 1)
         with torch.no_grad():
@@ -192,8 +218,10 @@ class BlipRetrieval(_Contrastive):
         ids, mask, text_feat = self.text_features(texts)
         image_feat_m, text_feat_m = self.momentum_features(pixel_values, ids, mask)
         positives = torch.eq(idx, torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)).float()
+        negs = self.negative_captions(negative_captions) if negative_captions is not None else None
         loss_ita, _, _ = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                                  self.text_queue, self.temp, alpha, positives)
+                                  self.text_queue, self.temp, alpha, positives,
+                                  *((negs[2], negs[3]) if negs is not None else ()))
         if update_queue:
             self.enqueue(image_feat_m, text_feat_m, idx.view(-1))
 
@@ -208,7 +236,8 @@ class BlipRetrieval(_Contrastive):
                 w_i2t = F.softmax(image_feat @ txt_all.t() / self.temp, 1).masked_fill(same, 0)
                 w_t2i = F.softmax(text_feat @ img_all.t() / self.temp, 1).masked_fill(same, 0)
                 hard_negatives = draw_hard_negatives(w_t2i, w_i2t, generator=generator)
-        out = {"loss_ita": loss_ita, "loss_itm": self.itm_loss(image_embeds, ids, mask, hard_negatives, all_rank)}
+        out = {"loss_ita": loss_ita, "loss_itm": self.itm_loss(image_embeds, ids, mask, hard_negatives, all_rank,
+                                                               negs, generator)}
         if return_negatives:
             out["negatives"] = tuple(torch.as_tensor(h) for h in hard_negatives)
         return out
@@ -226,8 +255,9 @@ class BlipPretrain(_Contrastive):
         tie_decoder_to_encoder(self.text_decoder, self.text_encoder)
 
     def losses(self, pixel_values, texts, alpha=0.4, hard_negatives=None, update_queue=True,
-               return_negatives=False, generator=None):
-        """loss_ita + loss_itm + loss_lm, as the original pretraining forward (momentum_update() first)."""
+               return_negatives=False, generator=None, negative_captions=None):
+        """loss_ita + loss_itm + loss_lm, as the original pretraining forward (momentum_update() first).
+        `negative_captions`: as BlipRetrieval.losses (off when None)."""
         b = pixel_values.shape[0]
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -235,8 +265,10 @@ class BlipPretrain(_Contrastive):
         ids, mask, text_feat = self.text_features(texts)
         image_feat_m, text_feat_m = self.momentum_features(pixel_values, ids, mask)
         positives = torch.eye(b, b + self.image_queue.shape[1], device=self.device)
+        negs = self.negative_captions(negative_captions) if negative_captions is not None else None
         loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                                              self.text_queue, self.temp, alpha, positives)
+                                              self.text_queue, self.temp, alpha, positives,
+                                              *((negs[2], negs[3]) if negs is not None else ()))
         if update_queue:
             self.enqueue(image_feat_m, text_feat_m)
 
@@ -257,7 +289,7 @@ class BlipPretrain(_Contrastive):
                 w_t2i[rows, own] = 0
                 w_i2t[rows, own] = 0
                 hard_negatives = draw_hard_negatives(w_t2i, w_i2t, generator=generator)
-        loss_itm = self.itm_loss(image_embeds, ids, mask, hard_negatives, all_rank)
+        loss_itm = self.itm_loss(image_embeds, ids, mask, hard_negatives, all_rank, negs, generator)
 
         dec_ids = ids.clone()
         dec_ids[:, 0] = DEC_ID

@@ -6,6 +6,7 @@ import os
 
 from ..datasets import PretrainDataset, RetrievalEvalDataset, WebDatasetShards
 from ..evaluation import evaluate_retrieval
+from ..negatives import training_negatives
 from .base import Task
 
 
@@ -30,7 +31,8 @@ class PretrainTask(Task):
         images, captions = batch
         # the original: alpha · min(1, (epoch · n + i) / (2n)), a ramp over the first two epochs
         alpha = self.cfg.alpha * min(1.0, progress.epochs_done / 2)
-        return forward(images, captions, alpha=alpha)
+        return forward(images, captions, alpha=alpha,
+                       **training_negatives(self.cfg, captions, progress.epoch, progress.step))
 
     def evaluations(self, model, out_dir):
         if not self.cfg.shapes:

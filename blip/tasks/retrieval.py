@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..datasets import RetrievalEvalDataset, RetrievalTrainDataset
 from ..evaluation import evaluate_retrieval
+from ..negatives import training_negatives
 from .base import Task
 
 
@@ -24,7 +25,8 @@ class RetrievalTask(Task):
         images, captions, idx = batch
         # the original: alpha ramps over the first epoch
         alpha = self.cfg.alpha * min(1.0, progress.epochs_done)
-        return forward(images, captions, idx=idx, alpha=alpha)
+        return forward(images, captions, idx=idx, alpha=alpha,
+                       **training_negatives(self.cfg, captions, progress.epoch, progress.step))
 
     def evaluations(self, model, out_dir):
         cfg, out = self.cfg, {}

@@ -1,0 +1,224 @@
+"""Hard negative captions (NegCLIP): generated correctly, and the losses that use them against hand computations;
+with the option off, the losses are today's."""
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blip.config import load_config
+from blip.losses import itc_loss
+from blip.negatives import (OPPOSITES, SHAPES_WORDS, caption_negatives, lexicon_tagger, shapes_tagger,
+                            training_negatives)
+from blip.tasks import PretrainTask, RetrievalTask
+from data import shapes
+from data.shapes_probes import pair_captions, sample_pair
+from tests._tiny import tiny_config, tiny_model
+
+REAL = ["a man riding a brown horse on the beach next to a white dog",
+        "two dogs playing with a red ball in the grass",
+        "a small cat sitting on top of a wooden table to the left of a laptop",
+        "a woman quickly walking under a large umbrella"]
+
+
+def _only_swapped_parts(caption, neg):
+    """The negative equals the caption outside its spans; inside, the spans are exchanged (or one word flipped)."""
+    tokens, words = caption.split(), neg.text.split()
+    assert neg.text != caption
+    assert len(words) == len(tokens)
+    if neg.kind == "phrase":
+        (s0, e0), (s1, e1) = neg.spans
+        assert words == tokens[:s0] + tokens[s1:e1] + tokens[e0:s1] + tokens[s0:e0] + tokens[e1:]
+    elif neg.kind == "relation" and len(neg.spans) == 1:
+        (i, _), = neg.spans
+        assert words[:i] + words[i + 1:] == tokens[:i] + tokens[i + 1:]
+        assert words[i] == OPPOSITES[tokens[i]]
+    else:
+        (i, _), (j, _) = neg.spans
+        assert [k for k in range(len(tokens)) if words[k] != tokens[k]] == [i, j]
+        assert (words[i], words[j]) == (tokens[j], tokens[i])
+
+
+def test_negatives_differ_only_in_swapped_parts():
+    rng = np.random.default_rng(0)
+    captions = [c for _ in range(40)
+                for c in pair_captions(sample_pair(rng)) + shapes.captions(shapes.sample_scene(rng))]
+    n = 0
+    for caption in captions:
+        for neg in caption_negatives(caption, shapes_tagger):
+            _only_swapped_parts(caption, neg)
+            n += 1
+    for caption in REAL:
+        negs = caption_negatives(caption, lexicon_tagger)
+        assert negs and len({x.text for x in negs}) == len(negs)
+        for neg in negs:
+            _only_swapped_parts(caption, neg)
+    assert n > 200
+
+
+def test_shapes_negatives_swap_like_with_like():
+    got = {(n.kind, n.text) for n in caption_negatives("a red circle to the left of a blue square", shapes_tagger)}
+    assert got == {("attribute", "a blue circle to the left of a red square"),   # binding
+                   ("object", "a red square to the left of a blue circle"),
+                   ("phrase", "a blue square to the left of a red circle"),     # ARO's order swap
+                   ("relation", "a red circle to the right of a blue square")}
+    # one shape group: no colour or kind to exchange, only the position flipped
+    assert [n.text for n in caption_negatives("a small red circle at the top", shapes_tagger)] == \
+        ["a small red circle at the bottom"]
+    assert caption_negatives("one green cross in the center", shapes_tagger) == []
+
+
+def test_shapes_vocabulary_matches_the_world():
+    words = {w for w, t in SHAPES_WORDS.items() if t not in ("DT", "NN-background")}
+    world = (set(shapes.COLORS) | set(shapes.SIZES) | set(shapes.KINDS) | set(shapes.PLURAL.values())
+             | set(shapes.NUMBER.values()) | set(shapes.BACKGROUNDS))
+    assert words == world
+
+
+def test_lexicon_tagger_on_a_caption():
+    tags = lexicon_tagger("a man riding a brown horse on the beach next to a building".split())
+    assert tags == ["DT", "NN", "VBG", "DT", "JJ", "NN", "IN", "DT", "NN", "IN", "IN", "DT", "NN"]
+
+
+def test_option_refused_when_misspelled():
+    with pytest.raises(ValueError, match="did you mean 'captions'"):
+        load_config(None, ["hard_negatives={captoins: 2}"])
+    with pytest.raises(ValueError, match="unknown tagger"):
+        load_config(None, ["hard_negatives={captions: 2, tagger: nltk}"])
+    with pytest.raises(ValueError, match="integer >= 0"):
+        load_config(None, ["hard_negatives={captions: -1}"])
+    assert load_config(None, ["hard_negatives.captions=2"]).hard_negatives == {"captions": 2}
+
+
+def test_itc_with_negative_captions_matches_hand_loop():
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *s: F.normalize(torch.randn(*s, generator=g), dim=-1)
+    img, txt, img_m, txt_m = unit(2, 3), unit(2, 3), unit(2, 3), unit(2, 3)
+    iq, tq = unit(3, 3).t(), unit(3, 3).t()
+    neg, neg_m = unit(4, 3), unit(4, 3)  # 4 hard captions in the batch
+    temp, alpha = 0.5, 0.4
+    pos = torch.eye(2, 5)
+    loss, _, _ = itc_loss(img, txt, img_m, txt_m, iq, tq, temp, alpha, pos, neg, neg_m)
+
+    def direction(q, q_m, keys, keys_m, n_cols):
+        total = 0.0
+        for r in range(2):
+            sims = [float(q[r] @ k) / temp for k in keys]
+            sims_m = [float(q_m[r] @ k) / temp for k in keys_m]
+            z, z_m = sum(math.exp(s) for s in sims), sum(math.exp(s) for s in sims_m)
+            for c in range(n_cols):
+                target = alpha * math.exp(sims_m[c]) / z_m + (1 - alpha) * (1.0 if c == r else 0.0)
+                total -= target * (sims[c] - math.log(z))
+        return total / 2
+
+    # image -> text: momentum texts + queue, then the hard captions (online features in the logits, momentum ones
+    # in the distillation targets); text -> image unchanged
+    keys_t = list(txt_m) + list(tq.t())
+    i2t = direction(img, img_m, keys_t + list(neg), keys_t + list(neg_m), 9)
+    t2i = direction(txt, txt_m, list(img_m) + list(iq.t()), list(img_m) + list(iq.t()), 5)
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, abs=1e-5)
+    # the hard captions only make image -> text harder
+    assert loss.item() > itc_loss(img, txt, img_m, txt_m, iq, tq, temp, alpha, pos)[0].item()
+
+
+def _batch(n=4, size=32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+CAPS = ["a red circle to the left of a blue square", "a green cross and a yellow triangle",
+        "two small red circles at the top", "one green cross in the center"]
+
+
+def test_itm_gains_one_row_per_image_with_negatives():
+    cfg = tiny_config("queue_size=8")
+    model = tiny_model(RetrievalTask, cfg)
+    model.eval()
+    negs = [["a blue circle to the left of a red square"], ["a yellow cross and a green triangle"],
+            ["two small red circles at the bottom"], []]
+    fixed = (torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3, 0, 1]))
+    out = model.losses(_batch(), CAPS, idx=[0, 1, 2, 3], hard_negatives=fixed, update_queue=False,
+                       negative_captions=negs)
+    # by hand: 4 positives, 8 in-batch negatives, then (its hard caption, image i) for images 0, 1, 2
+    with torch.no_grad():
+        embeds = model.visual_encoder(_batch())
+        ids, mask = model.tokenize(CAPS, max_length=35, first_token=model.itm_first_token)
+        def row(image, text_ids, text_mask):
+            return model.itm_logits(embeds[image][None], text_ids[None], text_mask[None])
+        neg_image, neg_text = fixed[0].tolist(), fixed[1].tolist()
+        logits = [row(i, ids[i], mask[i]) for i in range(4)]
+        logits += [row(neg_image[i], ids[i], mask[i]) for i in range(4)]
+        logits += [row(i, ids[neg_text[i]], mask[neg_text[i]]) for i in range(4)]
+        for i in range(3):
+            n_ids, n_mask = model.tokenize(negs[i], max_length=35, first_token=model.itm_first_token)
+            logits.append(row(i, n_ids[0], n_mask[0]))
+        labels = torch.tensor([1] * 4 + [0] * 11)
+        expected = F.cross_entropy(torch.cat(logits).float(), labels)
+    assert out["loss_itm"].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("task_cls", [RetrievalTask, PretrainTask])
+def test_option_off_gives_todays_losses(task_cls):
+    from blip.engine import Progress
+    for off in (None, {"captions": 0}):
+        cfg = tiny_config("queue_size=8")
+        cfg.hard_negatives = off
+        task = task_cls(cfg)
+        assert training_negatives(cfg, CAPS, 0, 0) == {}
+        progress = Progress(epoch=3, step=0, steps_per_epoch=10)  # past the alpha ramps
+        batch = (_batch(), CAPS, torch.tensor([0, 1, 2, 3])) if task_cls is RetrievalTask else (_batch(), CAPS)
+        results = []
+        for via_task in (True, False):
+            model = tiny_model(task_cls, cfg)
+            torch.manual_seed(5)  # the ITM negatives' draw
+            if via_task:
+                out = task.losses(model, batch, progress)
+            else:  # the losses as they were called before the option existed
+                kw = {"idx": batch[2]} if task_cls is RetrievalTask else {}
+                out = model.losses(batch[0], batch[1], alpha=cfg.alpha, **kw)
+            results.append({k: v.item() for k, v in out.items()})
+        assert results[0] == results[1]
+
+
+def test_training_negatives_are_seeded_and_resumable():
+    cfg = tiny_config("hard_negatives={captions: 2, tagger: shapes}")
+    a = training_negatives(cfg, CAPS, 3, 7)["negative_captions"]
+    assert a == training_negatives(cfg, CAPS, 3, 7)["negative_captions"]
+    assert [len(x) for x in a] == [2, 2, 1, 0]  # as many as each caption has, at most 2
+    for caption, negs in zip(CAPS, a):
+        assert set(negs) <= {n.text for n in caption_negatives(caption, shapes_tagger)}
+    draws = {tuple(training_negatives(cfg, CAPS, 0, s)["negative_captions"][0]) for s in range(20)}
+    assert len(draws) > 1  # redrawn each step
+
+
+def test_negative_captions_enter_itc_with_gradient():
+    """The mechanism in the model: loss_ita with hard captions = itc_loss on the model's own features with those
+    captions as extra image->text columns, and the text encoder gets gradient through them (online features)."""
+    cfg = tiny_config("queue_size=8")
+    model = tiny_model(RetrievalTask, cfg)
+    model.eval()
+    negs = [["a blue circle to the left of a red square"], [], ["two small red circles at the bottom"], []]
+    out = model.losses(_batch(), CAPS, idx=[0, 1, 2, 3], alpha=0.4, update_queue=False, negative_captions=negs)
+    with torch.no_grad():
+        _, img = model.image_features(_batch())
+        ids, mask, txt = model.text_features(CAPS)
+        img_m, txt_m = model.momentum_features(_batch(), ids, mask)
+        n_ids, n_mask, n_feat = model.text_features([negs[0][0], negs[2][0]])
+        n_feat_m = F.normalize(model.text_proj_m(model.text_encoder_m(n_ids, n_mask)[:, 0]), dim=-1)
+        pos = torch.eq(torch.arange(4)[:, None], torch.cat([torch.arange(4), model.idx_queue[0]])[None]).float()
+        expected = itc_loss(img, txt, img_m, txt_m, model.image_queue, model.text_queue, model.temp, 0.4, pos,
+                            n_feat, n_feat_m)[0]
+        plain = itc_loss(img, txt, img_m, txt_m, model.image_queue, model.text_queue, model.temp, 0.4, pos)[0]
+    assert out["loss_ita"].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert out["loss_ita"].item() > plain.item()
+    # the text encoder learns from them: "bottom" is only in a hard caption, and its embedding gets gradient
+    from blip.tokenizer import get_tokenizer
+    row = get_tokenizer().convert_tokens_to_ids("bottom")
+    grads = []
+    for n in (None, negs):
+        model.zero_grad()
+        model.losses(_batch(), CAPS, idx=[0, 1, 2, 3], update_queue=False, negative_captions=n)["loss_ita"].backward()
+        grads.append(model.text_encoder.embeddings.word_embeddings.weight.grad[row].abs().sum().item())
+    assert grads[0] == 0 and grads[1] > 0
