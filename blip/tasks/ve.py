@@ -12,7 +12,8 @@ from .base import Task
 
 @torch.no_grad()
 def evaluate_ve(model, dataset, batch_size=64, num_workers=0) -> dict:
-    """Accuracy (%) of the 3-way predictions, and per class (acc_entailment, ...)."""
+    """Accuracy (%) of the 3-way predictions, per class (acc_entailment, ...), and over entailment + contradiction
+    (acc_decided)."""
     preds, labels = [], []
     with _eval_mode(model):
         for images, sentences, label in _rank_loader(dataset, batch_size, num_workers):
@@ -20,10 +21,10 @@ def evaluate_ve(model, dataset, batch_size=64, num_workers=0) -> dict:
             labels += label.tolist()
     preds, labels = _gather(preds), _gather(labels)
     out = {"acc": accuracy(preds, labels)}
-    for name, c in (("contradiction", 0), ("neutral", 1), ("entailment", 2)):
-        rows = [i for i, y in enumerate(labels) if y == c]
-        if rows:
-            out[f"acc_{name}"] = accuracy([preds[i] for i in rows], [c] * len(rows))
+    for name, classes in (("contradiction", (0,)), ("neutral", (1,)), ("entailment", (2,)), ("decided", (0, 2))):
+        rows = [i for i, y in enumerate(labels) if y in classes]
+        if rows:  # decided: entailment and contradiction, where the image settles it
+            out[f"acc_{name}"] = accuracy([preds[i] for i in rows], [labels[i] for i in rows])
     return out
 
 
