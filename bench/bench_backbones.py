@@ -1,9 +1,13 @@
-"""One pretraining step (ITC + ITM + LM, forward + backward + AdamW) per visual encoder at base size, BLIP's text
-stack (BERT-base) on top: BLIP's ViT-B/16 against timm backbones (CLIP ViT, EVA02, SigLIP, DINOv2, CLIP ResNet-50,
-ConvNeXt), each in its own process (so its peak memory is its own), random weights.
+"""A training step per visual encoder at base size: BLIP's ViT-B/16 against timm backbones (CLIP ViT, EVA02, SigLIP,
+DINOv2, CLIP ResNet-50, ConvNeXt), each in its own process (so its peak memory is its own), random weights.
 
-    python bench/bench_backbones.py                           # CPU, batch 4 @224, median of 3 steps
-    python bench/bench_backbones.py --device cuda --batch 32 --precision bf16
+    python bench/bench_backbones.py                           # CPU: the encoder's step, batch 4 @224, median of 3
+    python bench/bench_backbones.py --part pretrain           # the whole BLIP pretraining step (ITC + ITM + LM)
+    python bench/bench_backbones.py --device cuda --batch 32 --precision bf16 --part pretrain
+
+`--part encoder` (default): the visual encoder's forward + backward (mean of its tokens) + AdamW over its weights;
+what changes with the backbone, without the text stack's cost. `--part pretrain`: BLIP's pretraining step with the
+text stack (BERT-base, its cross-attention reading the backbone's width) and the momentum encoders.
 
 Prints a Markdown table: seconds per step (median of --steps after a warm-up), the ratio to BLIP's ViT-B in the same
 run, image tokens, token width, parameters, and peak memory (CUDA: max allocated; CPU: the process's peak RSS).
@@ -40,16 +44,21 @@ def one(label, a) -> dict:
     from blip.engine import autocast, build_optimizer
     device = torch.device(a.device)
     torch.manual_seed(0)
-    model = blip.load_model("pretrain", image_size=a.image_size, queue_size=a.batch * 16,
-                            **BACKBONES[label]).to(device).train()
-    opt = build_optimizer(model, load_config(None, ["init_lr=1e-4", "task=pretrain"]))
+    task = "pretrain" if a.part == "pretrain" else "itm"
+    model = blip.load_model(task, image_size=a.image_size, queue_size=a.batch * 16, **BACKBONES[label]).to(device)
+    model.train()
+    opt = build_optimizer(model.visual_encoder if a.part == "encoder" else model,
+                          load_config(None, ["init_lr=1e-4", "task=pretrain"]))
     images = torch.randn(a.batch, 3, a.image_size, a.image_size, device=device)
     texts = ["a picture of a dog running on the beach with a red ball in its mouth and the sea behind it"] * a.batch
 
     def step():
         with autocast(device, a.precision):
-            model.momentum_update()
-            loss = sum(model.losses(images, texts, alpha=0.4).values())
+            if a.part == "encoder":
+                loss = model.visual_encoder(images).float().mean()
+            else:
+                model.momentum_update()
+                loss = sum(model.losses(images, texts, alpha=0.4).values())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -80,6 +89,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--part", default="encoder", choices=["encoder", "pretrain"])
     p.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one backbone in this process
     a = p.parse_args(argv)
@@ -89,13 +99,13 @@ def main(argv=None):
     rows = []
     for label in a.only or BACKBONES:
         cmd = [sys.executable, __file__, "--one", label, "--device", a.device, "--precision", a.precision,
-               "--batch", str(a.batch), "--image-size", str(a.image_size), "--steps", str(a.steps)]
+               "--batch", str(a.batch), "--image-size", str(a.image_size), "--steps", str(a.steps), "--part", a.part]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(f"# {rows[-1]}", file=sys.stderr)
     ref = next((r for r in rows if r["label"] == "BLIP ViT-B/16"), rows[0])
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{dev}, {a.precision}, batch {a.batch} @{a.image_size}, median of {a.steps} steps\n")
+    print(f"{dev}, {a.precision}, {a.part} step, batch {a.batch} @{a.image_size}, median of {a.steps} steps\n")
     print("| visual encoder | image tokens × width | vision params (M) | s/step | × BLIP ViT-B | peak mem (GiB) | × BLIP ViT-B |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -74,8 +74,9 @@ def test_ve_learns_on_the_shapes_world(world, tmp_path):
             "shapes_ve={statements_per_image: 6, seed: 0}",
             *[f"shapes.{k}={v}" for k, v in WORLD.items()]]
     metrics = train_ve.main(argv)
-    # measured: test 65.0 after 2 epochs (text prior 33; neutral 100, entailment vs contradiction near chance)
-    assert metrics["test_acc"] > 33.3 + 20, metrics
+    # measured once: test 57.8 after 2 epochs (neutral 69, entailment + contradiction 52: near chance); the text
+    # prior is 33 by construction, the image alone 67 (it sees whether the shapes are hidden)
+    assert metrics["test_acc"] > 33.3 + 14, metrics
     model = blip.load_model("ve", tmp_path / "model_best.safetensors")
     assert model.cls_head[-1].out_features == 3
     with torch.no_grad():
