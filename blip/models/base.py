@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backbones import BackboneConfig, build_backbone, layer_ids
 from ..med import TextConfig
 from ..tokenizer import VOCAB_SIZE, tokenize
-from ..backbones import BackboneConfig, build_backbone, layer_ids
 from ..vit import VIT_PRESETS, VisionConfig, build_vit
 
 
@@ -39,7 +39,8 @@ class ModelConfig:
     vision_backbone_file: str = ""  # its weights: a local timm / open_clip / OpenAI file ('' = random init)
     vision_backbone_args: dict | None = None  # timm.create_model keyword arguments (sizes, output_stride, ...)
     vision_token_width: int | None = None  # a learned projection of the image tokens; None: the backbone's width
-    freeze_vision: bool = False  # the whole visual encoder stays as loaded (no gradients, eval mode)
+    freeze_vision: bool = False  # the image encoder stays as loaded (no gradients, eval mode); a backbone's added
+    #                              grid position embedding and token projection still train
     freeze_vision_blocks: int = 0  # ... or its stem and first N blocks (timm's group_matcher layers)
 
     @classmethod
