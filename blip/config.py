@@ -45,6 +45,7 @@ class Config:
     max_words: int = 30                 # caption words kept by the datasets' pre_caption
     num_workers: int = 4
     shapes: dict | None = None          # data.shapes.generate_shapes_world(**shapes) arguments
+    shapes_ve: dict | None = None       # data.shapes_ve.generate_ve_set(**shapes_ve) arguments (train_ve.py)
     crop_scale: list[float] | None = None  # RandomResizedCrop scale; None: (0.2, 1) pretraining, (0.5, 1) others
     hflip: bool = True                  # off where captions name left/right (the shapes world)
     randaugment: bool = True            # RandAugment(2, 5) in training transforms; off for tiny from-scratch runs
@@ -61,6 +62,7 @@ class Config:
     lr_decay_rate: float = 0.9
     warmup_steps: int = 3000
     weight_decay: float = 0.05
+    layer_decay: float = 1.0            # visual encoder layer-wise LR decay (BEiT's); 1: off (see engine.build_optimizer)
     max_epoch: int = 5
     batch_size: int = 32                # per GPU, when the task has one batch size
     batch_size_train: int | None = None  # per GPU; None: batch_size

@@ -3,7 +3,8 @@ from .base import PRESETS, BlipModel, ModelConfig
 from .caption import BlipCaption
 from .nlvr import BlipNLVR
 from .retrieval import BlipITM, BlipPretrain, BlipRetrieval
+from .ve import BlipVE
 from .vqa import BlipVQA
 
 TASKS = {"pretrain": BlipPretrain, "retrieval": BlipRetrieval, "itm": BlipITM, "caption": BlipCaption,
-         "vqa": BlipVQA, "nlvr": BlipNLVR}
+         "vqa": BlipVQA, "nlvr": BlipNLVR, "ve": BlipVE}

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backbones import BackboneConfig, build_backbone, layer_ids
 from ..med import TextConfig
 from ..tokenizer import VOCAB_SIZE, tokenize
 from ..vit import VIT_PRESETS, VisionConfig, build_vit
@@ -33,6 +34,14 @@ class ModelConfig:
     momentum: float = 0.995
     negative_all_rank: bool = False
     prompt: str = "a picture of "
+    # Another image encoder (blip/backbones.py): a timm model name; '' = BLIP's ViT (`vit` and the vision_* sizes)
+    vision_backbone: str = ""
+    vision_backbone_file: str = ""  # its weights: a local timm / open_clip / OpenAI file ('' = random init)
+    vision_backbone_args: dict | None = None  # timm.create_model keyword arguments (sizes, output_stride, ...)
+    vision_token_width: int | None = None  # a learned projection of the image tokens; None: the backbone's width
+    freeze_vision: bool = False  # the image encoder stays as loaded (no gradients, eval mode); a backbone's added
+    #                              grid position embedding and token projection still train
+    freeze_vision_blocks: int = 0  # ... or its stem and first N blocks (timm's group_matcher layers)
 
     @classmethod
     def from_overrides(cls, stored: dict | None = None, **options) -> "ModelConfig":
@@ -47,7 +56,9 @@ class ModelConfig:
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
         merged: dict = {}
-        for layer in (PRESETS.get(preset, {}), stored or {}, options):
+        # a checkpoint holds its backbone's weights: the file they were first read from is not read again
+        stored = {k: v for k, v in (stored or {}).items() if k != "vision_backbone_file"}
+        for layer in (PRESETS.get(preset, {}), stored, options):
             for k, v in layer.items():
                 if k == "med_config" and isinstance(v, dict) and isinstance(merged.get(k), dict):
                     v = {**merged[k], **v}
@@ -57,7 +68,15 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def vision(self, task: str) -> VisionConfig:
+    def vision(self, task: str) -> VisionConfig | BackboneConfig:
+        if self.vision_backbone:
+            return BackboneConfig(name=self.vision_backbone, image_size=self.image_size, file=self.vision_backbone_file,
+                                  kwargs=dict(self.vision_backbone_args or {}),
+                                  drop_path_rate=self.drop_path_rate or 0.0, grad_ckpt=self.vit_grad_ckpt,
+                                  token_width=self.vision_token_width)
+        if self.vision_token_width is not None:
+            raise ValueError("vision_token_width projects a vision_backbone's tokens; BLIP's ViT sets its width with "
+                             "vision_width")
         if self.vit not in VIT_PRESETS:
             raise ValueError(f"vit must be one of {sorted(VIT_PRESETS)}, got {self.vit!r}")
         width, depth, heads = VIT_PRESETS[self.vit]
@@ -101,11 +120,39 @@ class BlipModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_cfg = cfg.vision(self.task)
-        self.visual_encoder = build_vit(self.vision_cfg)
+        if isinstance(self.vision_cfg, BackboneConfig):
+            self.visual_encoder = build_backbone(self.vision_cfg)  # sets vision_cfg.width: the tokens' width
+        else:
+            self.visual_encoder = build_vit(self.vision_cfg)
+        for p in self.frozen_vision_params():
+            p.requires_grad_(False)
 
     @property
     def device(self):
-        return self.visual_encoder.cls_token.device
+        return next(self.visual_encoder.parameters()).device
+
+    def vision_layers(self) -> tuple[dict[str, int], int]:
+        """({'visual_encoder.<name>': layer}, number of layers): stem 0, then one per block (blip.backbones)."""
+        ids, n = layer_ids(self.visual_encoder)
+        return {f"visual_encoder.{k}": v for k, v in ids.items()}, n
+
+    def frozen_vision_params(self) -> list[nn.Parameter]:
+        """The visual encoder's parameters that `freeze_vision` / `freeze_vision_blocks` keep as loaded."""
+        if not (self.cfg.freeze_vision or self.cfg.freeze_vision_blocks):
+            return []
+        ids, n = self.vision_layers()
+        last = n - 1 if self.cfg.freeze_vision else min(self.cfg.freeze_vision_blocks, n - 1)
+        return [p for k, p in self.named_parameters() if k in ids and ids[k] <= last]
+
+    def train(self, mode: bool = True):
+        """Frozen vision layers stay in eval mode: no BatchNorm statistics move, no dropout or drop-path there."""
+        super().train(mode)
+        frozen = {id(p) for p in self.frozen_vision_params()} if mode else set()
+        for m in self.visual_encoder.modules() if frozen else ():
+            params = list(m.parameters())
+            if params and all(id(p) in frozen for p in params):
+                m.eval()
+        return self
 
     def text_cfg(self, **overrides) -> TextConfig:
         return self.cfg.text(encoder_width=self.vision_cfg.width, **overrides)

@@ -1,9 +1,10 @@
-"""One file per task: pretrain, retrieval, caption (+ NoCaps), vqa, nlvr. See base.Task for what a task says."""
+"""One file per task: pretrain, retrieval, caption (+ NoCaps), vqa, nlvr, ve. See base.Task for what a task says."""
 from .base import Task
 from .caption import CaptionTask
 from .nlvr import NLVRTask
 from .pretrain import PretrainTask
 from .retrieval import RetrievalTask
+from .ve import VETask
 from .vqa import VQATask
 
-__all__ = ["Task", "PretrainTask", "RetrievalTask", "CaptionTask", "VQATask", "NLVRTask"]
+__all__ = ["Task", "PretrainTask", "RetrievalTask", "CaptionTask", "VQATask", "NLVRTask", "VETask"]
