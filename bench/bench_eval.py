@@ -14,12 +14,12 @@ import argparse
 import os
 import random
 import sys
-import time
 
 import torch
 from torch.utils.data import Dataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench._timing import timed  # noqa: E402
 import blip  # noqa: E402
 from blip.evaluation import retrieval_features  # noqa: E402
 from blip.metrics import retrieval_recall  # noqa: E402
@@ -71,14 +71,6 @@ def same_ranking(a, b, k):
     return (a.topk(k, dim=1).indices == b.topk(k, dim=1).indices).all(1).float().mean().item()
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t
 
 
 def main(argv=None):
@@ -96,10 +88,10 @@ def main(argv=None):
     torch.manual_seed(0)
     model = blip.load_model("retrieval", vit="base", image_size=a.image_size, queue_size=64).to(device)
     gallery = Gallery(a.images, a.texts, a.image_size)
-    (embeds, feat, ids, mask, tfeat), t_feat = timed(lambda: retrieval_features(model, gallery, batch_size=32), device)
+    t_feat, (embeds, feat, ids, mask, tfeat) = timed(lambda: retrieval_features(model, gallery, batch_size=32), device)
     k = min(a.k, a.images, a.texts)
-    (o_i2t, o_t2i), t_orig = timed(lambda: original_loop(model, embeds, feat, ids, mask, tfeat, k), device)
-    (i2t, t2i), t_ours = timed(lambda: model.retrieval_scores(
+    t_orig, (o_i2t, o_t2i) = timed(lambda: original_loop(model, embeds, feat, ids, mask, tfeat, k), device)
+    t_ours, (i2t, t2i) = timed(lambda: model.retrieval_scores(
         image_embeds=embeds, image_feat=feat, text_ids=ids, text_mask=mask, text_feat=tfeat, k_test=k,
         batch_size=a.rerank_batch), device)
     same = min(same_ranking(i2t, o_i2t, k), same_ranking(t2i, o_t2i, k))
@@ -115,7 +107,7 @@ def main(argv=None):
     def captions():
         for s in range(0, len(images), a.caption_batch):
             cap.generate(images[s:s + a.caption_batch], num_beams=3, max_length=20, min_length=5)
-    _, t_cap = timed(captions, device)
+    t_cap, _ = timed(captions, device)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     pairs = k * (a.images + a.texts)

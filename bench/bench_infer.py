@@ -23,25 +23,17 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench._timing import timed  # noqa: E402
 import blip  # noqa: E402
 from blip import inference  # noqa: E402
 from blip.tokenizer import DEC_ID, pre_caption  # noqa: E402
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, out
 
 
 def med(xs):

@@ -21,6 +21,14 @@ from .inputs import Item
 from .outputs import RowWriter, done_rows, merge_parts, part_path, side_path
 
 
+
+def _gather_counts(n_new, unreadable, start) -> list[dict]:
+    """Every rank's {new, unreadable, seconds}, once all ranks have finished writing."""
+    everyone = dist.all_gather_object({"new": n_new, "unreadable": [(it.id, why) for it, why in unreadable],
+                                       "seconds": time.perf_counter() - start})
+    dist.barrier()
+    return everyone
+
 def _key(image, text):
     return f"{image}\t{text}" if text is not None else str(image)
 
@@ -79,10 +87,7 @@ def stream_to_file(rows_of, items: list[Item], output, fields, *, text_field=Non
         writer.close()
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - start
-    everyone = dist.all_gather_object({"new": n_new, "unreadable": [(it.id, why) for it, why in unreadable],
-                                       "seconds": seconds})
-    dist.barrier()
+    everyone = _gather_counts(n_new, unreadable, start)
     summary = None
     if dist.is_main():
         if world > 1:
@@ -240,10 +245,7 @@ def embed_to_file(rows_of, items: list[Item], output, *, texts_rows=None, chunk_
     save()
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - start
-    everyone = dist.all_gather_object({"new": n_new, "unreadable": [(it.id, why) for it, why in unreadable],
-                                       "seconds": seconds})
-    dist.barrier()
+    everyone = _gather_counts(n_new, unreadable, start)
     summary = None
     if dist.is_main():
         got = {}
