@@ -263,6 +263,12 @@ def _write_shards(entries, root, n_shards):
                     tar.addfile(info, io.BytesIO(data))
 
 
+def split_ids(n_train, n_val, n_test) -> dict[str, range]:
+    """Image ids per split, numbered on from 1 across train, val and test."""
+    return {"train": range(1, n_train + 1), "val": range(n_train + 1, n_train + n_val + 1),
+            "test": range(n_train + n_val + 1, n_train + n_val + n_test + 1)}
+
+
 def generate_shapes_world(out_dir, n_train=1000, n_val=100, n_test=100, image_size=64,
                           noise_fraction=0.3, seed=0, questions_per_image=3, n_shards=2,
                           statements_per_image=10, nlvr_about=None) -> dict[str, str]:
@@ -273,8 +279,7 @@ def generate_shapes_world(out_dir, n_train=1000, n_val=100, n_test=100, image_si
     """
     os.makedirs(out_dir, exist_ok=True)
     rngs = [np.random.default_rng([seed, part]) for part in range(5)]
-    splits = {"train": range(1, n_train + 1), "val": range(n_train + 1, n_train + n_val + 1),
-              "test": range(n_train + n_val + 1, n_train + n_val + n_test + 1)}
+    splits = split_ids(n_train, n_val, n_test)
     scenes, paths = {}, {}
     for split, ids in splits.items():
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.shapes import (BACKGROUNDS, COLORS, KINDS, NUMBER, PLURAL, POS_PHRASE, POSITIONS, SIZES, _background,
-                         _draw_shape, _pick, captions, render, sample_scene)
+                         _draw_shape, _pick, captions, render, sample_scene, split_ids)
 
 RELATIONS = {"left": ("to the left of", "to the right of"), "above": ("above", "below")}
 SUBSETS = ("binding", "spatial", "order", "counts")
@@ -131,8 +131,7 @@ def generate_pair_world(out_dir, n_train=1000, n_val=50, n_test=100, image_size=
     scenes.json, and the probe set. Returns {name: absolute path}, as data.shapes.generate_shapes_world."""
     os.makedirs(out_dir, exist_ok=True)
     rngs = [np.random.default_rng([seed, part]) for part in range(4)]
-    splits = {"train": range(1, n_train + 1), "val": range(n_train + 1, n_train + n_val + 1),
-              "test": range(n_train + n_val + 1, n_train + n_val + n_test + 1)}
+    splits = split_ids(n_train, n_val, n_test)
     scenes, paths = {}, {}
     for split, ids in splits.items():
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
