@@ -19,6 +19,7 @@ Random weights never emit [SEP], so every caption runs to max_length: the decode
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -50,7 +51,8 @@ def bench_caption(a, device):
     assert not [k for k in missing if "position_ids" not in k], missing
     hf = hf.to(device).eval()
     x = torch.randn(a.batch, 3, a.image_size, a.image_size, generator=torch.Generator().manual_seed(1)).to(device)
-    prompt = ours.prompt_ids(ours.cfg.prompt, a.batch)
+    # transformers' generate drops the last token of input_ids (the processor's [SEP]): give it the prompt with [SEP]
+    prompt, _ = ours.tokenize([ours.cfg.prompt] * a.batch, first_token=DEC_ID)
     kw = dict(num_beams=3, max_length=20, min_length=5)
     runs = {"transformers fp32": lambda: hf.generate(pixel_values=x, input_ids=prompt, **kw).tolist(),
             "ours fp32": lambda: ours.generate(x, return_ids=True, **kw)}
@@ -59,6 +61,8 @@ def bench_caption(a, device):
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return ours.generate(x, return_ids=True, **kw)
         runs["ours bf16 autocast"] = ours_bf16
+        ours_b = copy.deepcopy(ours).to(torch.bfloat16)  # what `blip caption --bf16` runs: bfloat16 weights
+        runs["ours bf16 weights"] = lambda: ours_b.generate(x.to(torch.bfloat16), return_ids=True, **kw)
     times = {k: [] for k in runs}
     outs = {}
     with torch.inference_mode():
@@ -77,9 +81,10 @@ def bench_caption(a, device):
     theirs = [_upto_sep(s) for s in outs["transformers fp32"]]
     same = sum(_upto_sep(s) == t for s, t in zip(outs["ours fp32"], theirs))
     print(f"  identical captions (ours fp32 vs transformers): {same} of {a.batch}")
-    if "ours bf16 autocast" in outs:
-        same = sum(s == t for s, t in zip(outs["ours bf16 autocast"], outs["ours fp32"]))
-        print(f"  identical captions (ours bf16 vs ours fp32): {same} of {a.batch}")
+    for name in ("ours bf16 autocast", "ours bf16 weights"):
+        if name in outs:
+            same = sum(s == t for s, t in zip(outs[name], outs["ours fp32"]))
+            print(f"  identical captions ({name} vs ours fp32): {same} of {a.batch} (random weights: near-ties)")
     return ours, med(times["ours fp32"])
 
 
@@ -128,15 +133,28 @@ def bench_itm(a, device):
         ids, mask, _ = inference.predict._text_features(model, clean, "fp32")
         return inference.predict._itm_matrix(model, emb, ids, mask)
 
-    t_orig, t_ours = [], []
+    model_b = copy.deepcopy(model).to(torch.bfloat16) if a.bf16 else None
+
+    def ours_bf16():  # `blip itm --bf16`: bfloat16 weights
+        emb, _ = model_b.image_features(x.to(torch.bfloat16))
+        ids, mask, _ = inference.predict._text_features(model_b, clean, "bf16")
+        return inference.predict._itm_matrix(model_b, emb, ids, mask)
+
+    t_orig, t_ours, t_b = [], [], []
     with torch.inference_mode():
         for _ in range(a.repeats):
             t, want = timed(original, device)
             t_orig.append(t)
             t, got = timed(ours, device)
             t_ours.append(t)
+            if model_b is not None:
+                t, got_b = timed(ours_bf16, device)
+                t_b.append(t)
     print(f"\nITM matrix 8 images x 16 texts @{a.image_size}: original way {med(t_orig):.2f} s, ours {med(t_ours):.2f} s "
           f"({med(t_orig) / med(t_ours):.2f}x); max |difference| {(want - got).abs().max().item():.1e}")
+    if t_b:
+        print(f"  ours bf16 weights {med(t_b):.2f} s ({med(t_orig) / med(t_b):.2f}x the original way in fp32); "
+              f"max |difference| from fp32 {(want - got_b.float()).abs().max().item():.1e}")
 
 
 def main(argv=None):

@@ -92,17 +92,25 @@ def generate_ids(decoder: TextDecoder, encoder_states, prompt_ids, how: Decoding
     """Token ids (prompt included) of one output per input.
 
     encoder_states [B, N, w]: what the decoder cross-attends to, ONE row per input (not per beam).
-    prompt_ids [B, L0]: the first tokens ([DEC] + prompt).
+    prompt_ids [B, L0]: the first tokens ([DEC] + prompt). Greedy and sampling also take [B * n, L0]: n outputs
+    per encoder row (rows i*n ... i*n + n-1 read row i), its cross-attention K/V projected once for all n.
     """
     cross_kv = decoder.bert.cross_kv(encoder_states)
+    if len(prompt_ids) != len(encoder_states) and (not (how.sample or how.num_beams == 1)
+                                                   or len(prompt_ids) % len(encoder_states)):
+        raise ValueError(f"{len(prompt_ids)} prompts for {len(encoder_states)} encoder rows: beam search takes one "
+                         f"prompt per row, greedy and sampling a whole multiple")
     if how.sample or how.num_beams == 1:
         return _one_path(decoder, cross_kv, encoder_mask, prompt_ids, how, generator)
     return _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, how)
 
 
 def _step(decoder, new_ids, cross_kv, encoder_mask, past):
-    logits, past = decoder(new_ids, None, None, encoder_mask, cross_kv=cross_kv, past=past, use_cache=True)
-    return logits[:, -1].float(), past
+    """Next-token logits [B, V] and the grown cache; the vocabulary projection (the decoder's largest matmul) runs
+    for the last position only, so a prompt of L tokens costs one projection per row, not L."""
+    hidden, past = decoder.bert(new_ids, None, None, encoder_mask, causal=True, cross_kv=cross_kv, past=past,
+                                use_cache=True)
+    return decoder.cls.predictions(hidden[:, -1]).float(), past
 
 
 def _one_path(decoder, cross_kv, encoder_mask, ids, how: Decoding, generator):
@@ -138,9 +146,11 @@ def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, how: Decoding):
     hyps = [_Hypotheses(nb) for _ in range(b)]
     done = [False] * b
     active = list(range(b))  # the input each slot of the batch holds
-    past, new = None, ids
+    # the beams of an input start identical: the prompt runs once per input and its cache is copied per beam
+    logits, past = _step(decoder, prompt_ids, cross_kv, encoder_mask, None)
+    logits = logits.repeat_interleave(nb, dim=0)
+    past = [(k.repeat_interleave(nb, dim=0), v.repeat_interleave(nb, dim=0)) for k, v in past]
     while True:
-        logits, past = _step(decoder, new, cross_kv, encoder_mask, past)
         scores = _process(F.log_softmax(logits, -1), ids, min_length=how.min_length, eos_id=eos_id,
                           repetition_penalty=how.repetition_penalty)
         n, vocab = len(active), scores.shape[-1]
@@ -181,6 +191,7 @@ def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, how: Decoding):
             cross_kv = [(k[slots], v[slots]) for k, v in cross_kv]
             encoder_mask = None if encoder_mask is None else encoder_mask[slots]
             active = [active[slot] for slot in keep]
+        logits, past = _step(decoder, new, cross_kv, encoder_mask, past)
     for slot, i in enumerate(active):
         if not done[i]:
             for j in range(nb):

@@ -224,3 +224,29 @@ def test_shards_and_path_lists_are_inputs(folder, tmp_path):
     assert torch.equal(got, from_tar) and [Path(it.id).name for it, _ in bad] == ["missing.png"]
     with pytest.raises(FileNotFoundError, match="nowhere"):
         inference.collect(str(tmp_path / "nowhere"))
+
+
+def test_bf16_runs_every_command_on_bfloat16_weights_near_fp32(folder, captioner, matcher, tmp_path, capsys):
+    """--bf16 casts the weights: every command runs, embeddings and ITM stay near the fp32 run's, captions decode."""
+    _, cap_ckpt = captioner
+    _, ckpt = matcher
+    sub, texts = folder / "green", ["a red square", "a blue circle"]
+    tx = [a for t in texts for a in ("--text", t)]
+    common = ["--checkpoint", ckpt, "--device", "cpu", "--no-progress"]
+    for prec in ([], ["--bf16"]):
+        tag = "bf16" if prec else "fp32"
+        assert cli(["embed", sub, *common, *tx, "-o", tmp_path / f"e_{tag}.safetensors", *prec]) == 0
+        assert cli(["itm", sub, *common, *tx, "-o", tmp_path / f"m_{tag}.jsonl", *prec]) == 0
+        assert cli(["caption", sub, "--checkpoint", cap_ckpt, "-o", tmp_path / f"c_{tag}.jsonl", *CAPTION, *prec]) == 0
+    e32, e16 = (inference.read_embeddings(tmp_path / f"e_{t}.safetensors") for t in ("fp32", "bf16"))
+    assert e16["image_embeds"].dtype == torch.float32 and e16["image_ids"] == e32["image_ids"]
+    cos = torch.nn.functional.cosine_similarity(e16["image_embeds"], e32["image_embeds"], dim=-1)
+    assert cos.min() > 0.98, cos
+    m32, m16 = (inference.read_rows(tmp_path / f"m_{t}.jsonl") for t in ("fp32", "bf16"))
+    assert np.abs(np.array([r["itm"] for r in m16]) - [r["itm"] for r in m32]).max() < 0.05
+    from blip.__main__ import build_parser, load
+    args = build_parser().parse_args(["embed", str(sub), "--checkpoint", str(ckpt), "--bf16"])
+    assert {p.dtype for p in load("itm", args, torch.device("cpu")).parameters()} == {torch.bfloat16}
+    c16 = inference.read_rows(tmp_path / "c_bf16.jsonl")
+    assert len(c16) == len(inference.read_rows(tmp_path / "c_fp32.jsonl")) and all(r["caption"] for r in c16)
+    capsys.readouterr()

@@ -115,3 +115,22 @@ def test_zero_shot_classify_and_search_on_the_trained_shapes_model(shapes_main_j
     found = sum(images[i] in [r["image"] for r in rows[5 * i:5 * i + 5]] for i in range(50))
     assert found >= 12, found  # chance 5 of 50, measured 20
     capsys.readouterr()
+
+
+def test_sampled_captions_share_each_images_cross_attention_kv():
+    """n sampled captions per image read one projection of its K/V: the same tokens as n copies of the image."""
+    from blip.generation import Decoding, generate_ids
+    torch.manual_seed(0)
+    model = blip.load_model("caption", preset="micro").eval()
+    with torch.no_grad():
+        for p in model.text_decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # a peaked, image-dependent distribution
+        emb = model.visual_encoder(torch.randn(3, 3, model.cfg.image_size, model.cfg.image_size))
+        prompt = model.prompt_ids(model.cfg.prompt, 3 * 4)
+        how = Decoding(sample=True, max_length=12, min_length=3)
+        shared = generate_ids(model.text_decoder, emb, prompt, how, generator=torch.Generator().manual_seed(5))
+        copies = generate_ids(model.text_decoder, emb.repeat_interleave(4, 0), prompt, how,
+                              generator=torch.Generator().manual_seed(5))
+        assert shared == copies and len({tuple(s) for s in shared}) > 3
+        with pytest.raises(ValueError, match="12 prompts for 3 encoder rows"):
+            generate_ids(model.text_decoder, emb, prompt, Decoding(num_beams=3))

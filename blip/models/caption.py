@@ -42,12 +42,12 @@ class BlipCaption(BlipModel):
         `num_captions` per image (sampling): image i's are items i*n ... i*n + n-1 of the list."""
         prompt = self.cfg.prompt if prompt is None else prompt
         image_embeds = self.visual_encoder(pixel_values)
-        if num_captions > 1:
-            image_embeds = image_embeds.repeat_interleave(num_captions, dim=0)
         how = Decoding(num_beams=num_beams, max_length=max_length, min_length=min_length,
                        repetition_penalty=repetition_penalty, sample=sample, top_p=top_p, top_k=top_k)
-        ids = generate_ids(self.text_decoder, image_embeds, self.prompt_ids(prompt, len(image_embeds)), how,
-                           generator=generator)
+        if num_captions > 1 and not (sample or num_beams == 1):  # beam search: each row its own image copy
+            image_embeds = image_embeds.repeat_interleave(num_captions, dim=0)
+        n_out = len(pixel_values) * num_captions  # sampling: each image's K/V projected once, read by its n rows
+        ids = generate_ids(self.text_decoder, image_embeds, self.prompt_ids(prompt, n_out), how, generator=generator)
         if return_ids:
             return ids
         return [decode(seq)[len(prompt):] for seq in ids]
