@@ -128,17 +128,14 @@ def bench_itm(a, device):
         out = model.text_encoder(ids, mask, emb[image_of_pair])
         return model.itm_head(out[:, 0]).float().softmax(-1)[:, 1].view(8, 16)
 
-    def ours():  # what blip.inference.itm runs per batch
-        emb, _ = model.image_features(x)
-        ids, mask, _ = inference.predict._text_features(model, clean, "fp32")
-        return inference.predict._itm_matrix(model, emb, ids, mask)
+    def ours_way(m, pixels, precision):  # what blip.inference.itm runs per batch
+        emb, _ = m.image_features(pixels)
+        ids, mask, _ = inference.predict._text_features(m, clean, precision)
+        return inference.predict._itm_matrix(m, emb, ids, mask)
 
-    model_b = copy.deepcopy(model).to(torch.bfloat16) if a.bf16 else None
-
-    def ours_bf16():  # `blip itm --bf16`: bfloat16 weights
-        emb, _ = model_b.image_features(x.to(torch.bfloat16))
-        ids, mask, _ = inference.predict._text_features(model_b, clean, "bf16")
-        return inference.predict._itm_matrix(model_b, emb, ids, mask)
+    ours = lambda: ours_way(model, x, "fp32")  # noqa: E731
+    model_b = copy.deepcopy(model).to(torch.bfloat16) if a.bf16 else None  # `blip itm --bf16`: bfloat16 weights
+    ours_bf16 = lambda: ours_way(model_b, x.to(torch.bfloat16), "bf16")  # noqa: E731
 
     t_orig, t_ours, t_b = [], [], []
     with torch.inference_mode():
