@@ -50,20 +50,61 @@ class ResumableSampler(Sampler):
         if self.num_batches == 0:
             raise ValueError(f"dataset of {n} samples is smaller than one global batch ({batch_size} x {world})")
 
+    @property
+    def rank_batch(self) -> int:
+        """Samples in one of this rank's micro-batches."""
+        return self.b
+
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
 
-    def __iter__(self):
+    def rank_slices(self):
+        """This rank's share of each global batch, from `start_batch` on."""
         if self.shuffle:
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
             perm = list(range(self.n))
         B = self.b * self.world
         for j in range(self.start_batch, self.num_batches):
-            yield from perm[j * B + self.rank * self.b: j * B + (self.rank + 1) * self.b]
+            yield perm[j * B + self.rank * self.b: j * B + (self.rank + 1) * self.b]
+
+    def __iter__(self):
+        for rows in self.rank_slices():
+            yield from rows
 
     def __len__(self):
-        return (self.num_batches - self.start_batch) * self.b
+        return (self.num_batches - self.start_batch) * self.rank_batch
+
+
+class NeighbourSampler(ResumableSampler):
+    """The same anchors, each followed in its micro-batch by a row of one of its image's nearest neighbours
+    (NegCLIP's alternative images, `hard_negatives.images`): b anchors + their b partners per rank. The partner is
+    redrawn every epoch from (seed, epoch, row), so workers, ranks and a resumed run draw the same; an anchor
+    whose image has no neighbour (unreadable) gets a random row."""
+
+    def __init__(self, n, batch_size, table, world=1, rank=0, seed=0):
+        super().__init__(n, batch_size, world, rank, shuffle=True, seed=seed)
+        if len(table.row_image) != n:
+            raise ValueError(f"the neighbour table covers {len(table.row_image)} rows, the dataset has {n}")
+        self.table, self.image_rows = table, table.image_rows()
+
+    @property
+    def rank_batch(self) -> int:
+        return 2 * self.b
+
+    def partner(self, row: int, draw: int) -> int:
+        near = self.table.neighbours[self.table.row_image[row]]
+        if not near:
+            return draw % self.n
+        rows = self.image_rows[near[draw % len(near)]]
+        return rows[(draw // len(near)) % len(rows)]
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch + 1)
+        draws = torch.randint(0, 2 ** 62, (self.n,), generator=g).tolist()
+        for rows in self.rank_slices():
+            yield from rows
+            yield from (self.partner(r, draws[r]) for r in rows)
 
 
 @contextmanager
@@ -143,10 +184,11 @@ class EpochData:
     """Micro-batches of one epoch from a map-style dataset (ResumableSampler) or a stream (each rank reads its
     own shards; a rank whose shards run short starts them again, so every rank takes the same steps)."""
 
-    def __init__(self, dataset, cfg, collate_fn, device):
+    def __init__(self, dataset, cfg, collate_fn, device, neighbours=None):
         self.cfg, self.device, self.collate = cfg, device, _Collate(collate_fn)
         world, rank, b = dist.get_world_size(), dist.get_rank(), cfg.train_batch_size
         self.streaming = isinstance(dataset, IterableDataset)
+        self.rank_batch = b
         if self.streaming:
             self.data, self.sampler = SeededShards(dataset, cfg.seed), None
             self.micro_per_epoch = len(dataset) // (b * world)
@@ -154,8 +196,11 @@ class EpochData:
                 raise ValueError(f"the shards hold {len(dataset)} samples: fewer than one global batch ({b} x {world})")
         else:
             self.data = SeededSamples(dataset, cfg.seed)
-            self.sampler = ResumableSampler(len(dataset), b, world, rank, shuffle=True, seed=cfg.seed)
-            self.micro_per_epoch = self.sampler.num_batches
+            if neighbours is None:
+                self.sampler = ResumableSampler(len(dataset), b, world, rank, shuffle=True, seed=cfg.seed)
+            else:
+                self.sampler = NeighbourSampler(len(dataset), b, neighbours, world, rank, seed=cfg.seed)
+            self.micro_per_epoch, self.rank_batch = self.sampler.num_batches, self.sampler.rank_batch
         self.source = dataset
 
     def batches(self, epoch, start):
@@ -166,7 +211,7 @@ class EpochData:
                 self.source.set_epoch(epoch)
         else:
             self.sampler.set_epoch(epoch, start)
-        loader = DataLoader(self.data, batch_size=self.cfg.train_batch_size, sampler=self.sampler,
+        loader = DataLoader(self.data, batch_size=self.rank_batch, sampler=self.sampler,
                             num_workers=self.cfg.num_workers, collate_fn=self.collate, drop_last=True,
                             pin_memory=self.device.type == "cuda",
                             generator=torch.Generator().manual_seed(self.cfg.seed))  # not the model's stream
@@ -367,7 +412,9 @@ def setup(task, model, dataset, out_dir, resume=None, device=None) -> Run:
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    data = EpochData(dataset, cfg, getattr(task, "collate_fn", None), device)
+    resume_dir = None if not resume else (out_dir if resume == "latest" else Path(resume).parent)
+    neighbours = task.image_neighbours(model, dataset, out_dir, resume_dir)  # before the resumed weights load
+    data = EpochData(dataset, cfg, getattr(task, "collate_fn", None), device, neighbours)
     run = Run(task, model, forward, optimizer, scaler, data, device, Path(out_dir),
               finite=torch.ones((), dtype=torch.bool, device=device))
     if resume:

@@ -64,18 +64,18 @@ def evaluate_retrieval(model, dataset, k_test=256, batch_size=64, num_workers=0,
 
 
 # -- per-rank shards: each rank takes a contiguous slice, results are gathered in rank order ------------------
-def _rank_loader(dataset, batch_size, num_workers=0):
+def rank_loader(dataset, batch_size, num_workers=0, collate_fn=None):
     n, world, rank = len(dataset), dist.get_world_size(), dist.get_rank()
     step = -(-n // world)
     part = Subset(dataset, range(min(n, rank * step), min(n, (rank + 1) * step)))
-    loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn)
     if dist.is_main():
         from tqdm import tqdm
         return tqdm(loader, desc=type(dataset).__name__, leave=False, dynamic_ncols=True)
     return loader
 
 
-def _gather(items: list) -> list:
+def gather(items: list) -> list:
     return [x for part in dist.all_gather_object(items) for x in part]
 
 
@@ -85,7 +85,7 @@ def _write_json(obj, path):
 
 
 @contextmanager
-def _eval_mode(model):
+def eval_mode(model):
     was_training = model.training
     model.eval()
     try:
@@ -100,12 +100,12 @@ def evaluate_caption(model, dataset, cfg, gt_file=None, result_file=None):
     `gt_file` with PTB tokenisation + BLEU, METEOR (cfg.meteor), ROUGE-L, CIDEr (+SPICE). No gt_file (NoCaps): no
     scores."""
     results = []
-    with _eval_mode(model):
-        for images, image_ids in _rank_loader(dataset, cfg.test_batch_size, cfg.num_workers):
+    with eval_mode(model):
+        for images, image_ids in rank_loader(dataset, cfg.test_batch_size, cfg.num_workers):
             captions = model.generate(images.to(model.device), num_beams=cfg.num_beams, max_length=cfg.max_length,
                                       min_length=cfg.min_length, repetition_penalty=cfg.repetition_penalty)
             results += [{"image_id": int(i), "caption": c} for i, c in zip(image_ids, captions)]
-    results = _gather(results)
+    results = gather(results)
     _write_json(results, result_file)
     scores = caption_scores(results, gt_file, meteor=cfg.meteor) if gt_file is not None and dist.is_main() else {}
     return dist.all_gather_object(scores)[0]  # rank 0 scored (Java); every rank returns its numbers
@@ -116,12 +116,12 @@ def evaluate_vqa(model, dataset, cfg, answer_list=None, result_file=None):
     """Answers [{question_id, answer}] by cfg.inference ('rank' over `answer_list` with k=cfg.k_test, or
     'generate'), written to `result_file`; the official VQA accuracy when every question has answers."""
     results = []
-    with _eval_mode(model):
-        for images, questions, qids in _rank_loader(dataset, cfg.test_batch_size, cfg.num_workers):
+    with eval_mode(model):
+        for images, questions, qids in rank_loader(dataset, cfg.test_batch_size, cfg.num_workers):
             answers = model.answer(images.to(model.device), questions, method=cfg.inference,
                                    answer_list=answer_list, k=cfg.k_test)
             results += [{"question_id": int(q), "answer": a} for q, a in zip(qids, answers)]
-    results = _gather(results)
+    results = gather(results)
     _write_json(results, result_file)
     gt = {e["question_id"]: e.get("answer") for e in dataset.ann}
     if not all(isinstance(a, list) for a in gt.values()):
@@ -133,8 +133,8 @@ def evaluate_vqa(model, dataset, cfg, answer_list=None, result_file=None):
 def evaluate_nlvr(model, dataset, batch_size=64, num_workers=0):
     """Accuracy (%) of the True/False predictions."""
     preds, labels = [], []
-    with _eval_mode(model):
-        for image0, image1, sentences, label in _rank_loader(dataset, batch_size, num_workers):
+    with eval_mode(model):
+        for image0, image1, sentences, label in rank_loader(dataset, batch_size, num_workers):
             preds += model.predict(image0.to(model.device), image1.to(model.device), sentences).tolist()
             labels += label.tolist()
-    return {"acc": accuracy(_gather(preds), _gather(labels))}
+    return {"acc": accuracy(gather(preds), gather(labels))}

@@ -209,11 +209,13 @@ def caption_negatives(caption: str, tagger: Tagger = lexicon_tagger, min_phrase_
 @dataclass
 class HardNegatives:
     """The training option (config key `hard_negatives`): `captions` negatives per caption (0 = off), drawn each
-    step from the caption's rule-based negatives by `tagger` ('lexicon', 'shapes', 'spacy:<model>')."""
+    step from the caption's rule-based negatives by `tagger` ('lexicon', 'shapes', 'spacy:<model>'); `images`: each
+    sample's batch partner drawn from its image's `images` nearest neighbours (NegCLIP: 3; 0 = off; blip.neighbours)."""
     captions: int = 0
     tagger: str = "lexicon"
+    images: int = 0
 
-    KEYS = ("captions", "tagger")
+    KEYS = ("captions", "tagger", "images")
 
     @classmethod
     def from_config(cls, value: dict | None) -> "HardNegatives":
@@ -226,8 +228,10 @@ class HardNegatives:
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ValueError(f"config key 'hard_negatives': unknown option '{key}'{hint}; options: {cls.KEYS}")
         out = cls(**value)
-        if not isinstance(out.captions, int) or isinstance(out.captions, bool) or out.captions < 0:
-            raise ValueError(f"hard_negatives.captions must be an integer >= 0, got {out.captions!r}")
+        for key in ("captions", "images"):
+            n = getattr(out, key)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"hard_negatives.{key} must be an integer >= 0, got {n!r}")
         if out.tagger not in TAGGERS and not str(out.tagger).startswith("spacy:"):
             raise ValueError(f"hard_negatives.tagger: unknown tagger {out.tagger!r}; "
                              f"choose 'lexicon', 'shapes' or 'spacy:<model>'")
@@ -235,7 +239,7 @@ class HardNegatives:
 
     @property
     def enabled(self) -> bool:
-        return self.captions > 0
+        return self.captions > 0 or self.images > 0
 
 
 class NegativeSampler:
@@ -269,7 +273,7 @@ def training_negatives(cfg, captions: Sequence[str], epoch: int, step: int) -> d
     key = repr(sorted((cfg.hard_negatives or {}).items()))
     if key not in _SAMPLERS:
         opt = HardNegatives.from_config(cfg.hard_negatives)
-        _SAMPLERS[key] = NegativeSampler(opt.captions, opt.tagger) if opt.enabled else None
+        _SAMPLERS[key] = NegativeSampler(opt.captions, opt.tagger) if opt.captions else None
     sampler = _SAMPLERS[key]
     if sampler is None:
         return {}

@@ -1,6 +1,7 @@
 """torchrun worker for the engine tests: `nlvr OUT BATCH` trains the tiny NLVR2 model and saves its final weights;
 `negatives OUT 0` trains with ITM negatives drawn over both ranks; `ranklog OUT 2` logs a loss that differs per
-rank and micro-step."""
+rank and micro-step; `neighbours OUT BATCH DATA` fine-tunes retrieval with nearest-neighbour images on the files
+of DATA (tests/test_neighbours.py)."""
 import sys
 
 import torch
@@ -27,6 +28,15 @@ def negatives(out_dir, batch, device):
         fit(task_cls(cfg), tiny_model(task_cls, cfg), PairData(16, kind), f"{out_dir}/{kind}", device=device)
 
 
+def neighbours(out_dir, batch, device, data_dir):
+    from blip.datasets import RetrievalTrainDataset
+    from blip.transforms import test_transform
+    cfg = tiny_config("hard_negatives={images: 2}", task="retrieval", batch_size=batch, max_epoch=1, queue_size=8,
+                      seed=2)
+    data = RetrievalTrainDataset(f"{data_dir}/karpathy_train.json", data_dir, test_transform(32))
+    fit(RetrievalTask(cfg), tiny_model(RetrievalTask, cfg), data, out_dir, device=device)
+
+
 class RankLoss(NLVRTask):
     """NLVR2's loss, plus a logged term 10·rank + micro-step index (weight 0: it trains nothing)."""
     micro = 0
@@ -46,5 +56,6 @@ def ranklog(out_dir, accum, device):
 
 if __name__ == "__main__":
     _, _, _, dev = dist.init_distributed("cpu")
-    {"nlvr": nlvr, "negatives": negatives, "ranklog": ranklog}[sys.argv[1]](sys.argv[2], int(sys.argv[3]), dev)
+    modes = {"nlvr": nlvr, "negatives": negatives, "ranklog": ranklog, "neighbours": neighbours}
+    modes[sys.argv[1]](sys.argv[2], int(sys.argv[3]), dev, *sys.argv[4:])
     dist.cleanup()

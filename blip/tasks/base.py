@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from .. import load_model
+from .. import load_model, neighbours
+from ..negatives import HardNegatives
 from ..transforms import test_transform, train_transform
 
 
@@ -21,11 +22,15 @@ class Task:
     eval_every_epoch = True       # False: evaluate after the last epoch only
     crop_scale = (0.5, 1.0)       # RandomResizedCrop scale unless the config sets crop_scale
     ann_files: dict[str, str] = {}  # dataset name -> annotation file pattern under ann_root ('{}' = the split)
+    takes_hard_negatives = False  # the losses take NegCLIP's negatives (config `hard_negatives`, blip.negatives)
 
     def __init__(self, cfg):
         if cfg.task and cfg.task not in self.names:
             raise ValueError(f"the config's task is {cfg.task!r}, but {type(self).__name__} runs {self.names}: "
                              f"use the entry script of that task or fix `task:`")
+        if HardNegatives.from_config(cfg.hard_negatives).enabled and not self.takes_hard_negatives:
+            raise ValueError(f"config key 'hard_negatives': {type(self).__name__} has no contrastive or matching "
+                             f"loss to take them; retrieval and pretraining do")
         self.cfg = cfg
 
     @property
@@ -56,6 +61,14 @@ class Task:
 
     def train_data(self, model):
         raise NotImplementedError
+
+    def image_neighbours(self, model, dataset, out_dir, resume_dir=None):
+        """NegCLIP's nearest-neighbour images of the training set (`hard_negatives.images`), or None when off."""
+        k = HardNegatives.from_config(self.cfg.hard_negatives).images
+        if not k:
+            return None
+        return neighbours.load_or_build(model, dataset, k, self.test_transform(model), out_dir, resume_dir,
+                                        batch_size=self.cfg.test_batch_size, num_workers=self.cfg.num_workers)
 
     # -- training ---------------------------------------------------------------------------------------------------
     def begin_step(self, model, progress) -> None:

@@ -13,6 +13,7 @@ from .base import Task
 class PretrainTask(Task):
     names = ("pretrain",)
     model_task = "pretrain"
+    takes_hard_negatives = True
     schedule = "step"
     crop_scale = (0.2, 1.0)  # pretraining crops down to 20%
 

@@ -11,6 +11,7 @@ from .base import Task
 class RetrievalTask(Task):
     names = ("retrieval",)
     model_task = "retrieval"
+    takes_hard_negatives = True
     ann_files = {"coco": "coco_karpathy_{}.json", "flickr": "flickr30k_{}.json", "shapes": "karpathy_{}.json"}
 
     def train_data(self, model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..datasets import VEDataset
-from ..evaluation import _eval_mode, _gather, _rank_loader
+from ..evaluation import eval_mode, gather, rank_loader
 from ..metrics.nlvr import accuracy
 from .base import Task
 
@@ -15,11 +15,11 @@ def evaluate_ve(model, dataset, batch_size=64, num_workers=0) -> dict:
     """Accuracy (%) of the 3-way predictions, per class (acc_entailment, ...), and over entailment + contradiction
     (acc_decided)."""
     preds, labels = [], []
-    with _eval_mode(model):
-        for images, sentences, label in _rank_loader(dataset, batch_size, num_workers):
+    with eval_mode(model):
+        for images, sentences, label in rank_loader(dataset, batch_size, num_workers):
             preds += model.predict(images.to(model.device), list(sentences)).tolist()
             labels += label.tolist()
-    preds, labels = _gather(preds), _gather(labels)
+    preds, labels = gather(preds), gather(labels)
     out = {"acc": accuracy(preds, labels)}
     for name, classes in (("contradiction", (0,)), ("neutral", (1,)), ("entailment", (2,)), ("decided", (0, 2))):
         rows = [i for i, y in enumerate(labels) if y in classes]

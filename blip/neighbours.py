@@ -1,0 +1,144 @@
+"""NegCLIP's strong alternative images (Yuksekgonul et al. 2023): each training image's nearest neighbours, so that a
+batch holds every image next to one that looks like it and the losses must tell their captions apart.
+
+    table = load_or_build(model, dataset, k, transform, out_dir)   # once, as training starts (blip.engine.setup)
+    sampler = NeighbourSampler(len(dataset), b, table, ...)        # each anchor brings one neighbour: 2b per rank
+
+The neighbours are the exact top-k by cosine of the ITC image features of the model training starts from (the
+pretrained checkpoint for fine-tuning; NegCLIP used CLIP's), every distinct image once with the test transform,
+itself and the unreadable images left out. The table is written to the run directory (`neighbours.json`) and read
+back on resume, so a resumed run pairs as the first did and never recomputes it with a trained model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from . import distributed as dist
+from .checkpoint import atomic_write
+from .datasets import UnreadableImage, read_image
+
+log = logging.getLogger(__name__)
+
+FILE = "neighbours.json"
+
+
+@dataclass
+class NeighbourTable:
+    """Distinct images of a dataset, the rows (samples) showing each, and each image's k nearest other images."""
+    k: int
+    images: list[str]            # image path per image index
+    row_image: list[int]         # image index of every dataset row
+    neighbours: list[list[int]]  # per image, up to k image indices, nearest first ([] for an unreadable image)
+    unreadable: list[str]
+
+    def image_rows(self) -> list[list[int]]:
+        rows: list[list[int]] = [[] for _ in self.images]
+        for row, image in enumerate(self.row_image):
+            rows[image].append(row)
+        return rows
+
+    def to_json(self) -> dict:
+        return {"k": self.k, "images": self.images, "row_image": self.row_image, "neighbours": self.neighbours,
+                "unreadable": self.unreadable}
+
+
+def dataset_images(dataset) -> tuple[list[str], list[int]]:
+    """(distinct image paths in order of first appearance, image index per row), from `dataset.image_files`."""
+    if isinstance(dataset, IterableDataset):
+        raise ValueError("hard_negatives.images: the nearest-neighbour images need a map-style dataset (JSON files "
+                         "of image paths); a stream of shards cannot fetch a given image")
+    if not hasattr(dataset, "image_files"):
+        raise ValueError(f"hard_negatives.images: {type(dataset).__name__} does not name its images "
+                         f"(no image_files(index)); the nearest-neighbour images need a map-style dataset of files")
+    index: dict[str, int] = {}
+    row_image = [index.setdefault(dataset.image_files(i)[0], len(index)) for i in range(len(dataset))]
+    return list(index), row_image
+
+
+def nearest(features: torch.Tensor, k: int, valid: torch.Tensor | None = None, chunk: int = 4096) -> list[list[int]]:
+    """Per row of `features` (unit vectors), the indices of the k most similar other rows (cosine, exact), among
+    the `valid` ones; an invalid row gets none."""
+    n = features.shape[0]
+    valid = torch.ones(n, dtype=torch.bool) if valid is None else valid
+    k = min(k, int(valid.sum()) - 1)
+    out: list[list[int]] = []
+    for s in range(0, n, chunk):
+        sims = features[s:s + chunk].float() @ features.float().t()
+        sims[:, ~valid] = float("-inf")
+        rows = torch.arange(s, min(n, s + chunk))
+        sims[rows - s, rows] = float("-inf")  # not itself
+        top = sims.topk(max(k, 0), dim=1).indices.tolist() if k > 0 else [[] for _ in rows]
+        out += [t if valid[r] else [] for r, t in zip(rows.tolist(), top)]
+    return out
+
+
+class _Images(Dataset):
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.transform(read_image(self.paths[i])), True
+        except UnreadableImage as e:
+            log.warning("neighbours: skipping unreadable image %s", e)
+            return torch.zeros(3, 1, 1), False
+
+
+def _collate(items):
+    ok = [x for x, good in items if good]
+    return (torch.stack(ok) if ok else None), torch.tensor([good for _, good in items])
+
+
+@torch.no_grad()
+def image_features(model, paths, transform, batch_size=64, num_workers=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ITC features of every image, readable mask), each rank embedding its share in eval mode, then gathered;
+    an unreadable image's row is zeros."""
+    from .evaluation import eval_mode, gather, rank_loader
+    rows, valid = [], []
+    with eval_mode(model):
+        for images, ok in rank_loader(_Images(paths, transform), batch_size, num_workers, collate_fn=_collate):
+            feats = iter(model.image_features(images.to(model.device))[1].float().cpu() if images is not None else [])
+            rows += [next(feats) if good else None for good in ok.tolist()]
+            valid += ok.tolist()
+    rows, valid = gather(rows), gather(valid)
+    width = next((r.shape[0] for r in rows if r is not None), 1)
+    return torch.stack([torch.zeros(width) if r is None else r for r in rows]), torch.tensor(valid, dtype=torch.bool)
+
+
+def build(model, dataset, k: int, transform, batch_size=64, num_workers=0) -> NeighbourTable:
+    images, row_image = dataset_images(dataset)
+    feats, valid = image_features(model, images, transform, batch_size, num_workers)
+    unreadable = [p for p, ok in zip(images, valid.tolist()) if not ok]
+    return NeighbourTable(k, images, row_image, nearest(feats, k, valid), unreadable)
+
+
+def load_or_build(model, dataset, k: int, transform, out_dir, resume_dir=None, batch_size=64,
+                  num_workers=0) -> NeighbourTable:
+    """The run's table: `neighbours.json` of the run (or of the checkpoint resumed from) when it was made for these
+    images with this k, else built from `model` now and written there (atomically, by rank 0)."""
+    images, row_image = dataset_images(dataset)
+    for folder in filter(None, (out_dir, resume_dir)):
+        path = Path(folder) / FILE
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved["k"] == k and saved["images"] == images and saved["row_image"] == row_image:
+                log.info("neighbours: %d images, k=%d, from %s", len(images), k, path)
+                return NeighbourTable(**saved)
+            log.warning("neighbours: %s was made for other images or another k; building the table again", path)
+    start = time.time()
+    table = build(model, dataset, k, transform, batch_size, num_workers)
+    if dist.is_main():
+        atomic_write(Path(out_dir) / FILE, lambda tmp: Path(tmp).write_text(json.dumps(table.to_json())))
+    log.info("neighbours: %d images, k=%d, from the initial model's ITC features in %.1f s (%d unreadable)",
+             len(images), k, time.time() - start, len(table.unreadable))
+    return table
