@@ -21,9 +21,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from .datasets import UnreadableImage, read_image
+from .datasets import ImageFiles, collate_image_files
 from .tokenizer import DEC_ID, ENC_ID, pre_caption
 from .transforms import test_transform
 
@@ -307,36 +307,6 @@ def expand(name: str, ann: str, root: str) -> list[tuple[str, str, list[Case]]]:
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------------------
-class _Images(Dataset):
-    """Distinct (path, box) images, each through one transform per image size needed; unreadable ones -> None."""
-
-    def __init__(self, keys, transforms):
-        self.keys, self.transforms = keys, transforms
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, i):
-        path, box = self.keys[i]
-        try:
-            img = read_image(path)
-        except UnreadableImage as e:
-            return i, None, str(e)
-        if box is not None:
-            x, y, w, h = box
-            img = img.crop((x, y, x + w, y + h))
-        return i, [t(img) for t in self.transforms], None
-
-
-def _collate(batch):
-    good = [b for b in batch if b[1] is not None]
-    bad = [(b[0], b[2]) for b in batch if b[1] is None]
-    if not good:
-        return [], [], bad
-    n = len(good[0][1])
-    return [b[0] for b in good], [torch.stack([b[1][k] for b in good]) for k in range(n)], bad
-
-
 class ProbeScorer:
     """Scores every candidate caption of every case by each head the given models have.
 
@@ -374,8 +344,8 @@ class ProbeScorer:
         for n, c in enumerate(cases):
             by_image[key_index[(c.image, c.box)]].append(n)
         sizes = self._sizes()
-        loader = DataLoader(_Images(keys, [test_transform(s) for s in sizes]), batch_size=self.batch_size,
-                            num_workers=self.num_workers, collate_fn=_collate)
+        loader = DataLoader(ImageFiles(keys, [test_transform(s) for s in sizes]), batch_size=self.batch_size,
+                            num_workers=self.num_workers, collate_fn=collate_image_files)
         if self.progress:
             from tqdm import tqdm
             loader = tqdm(loader, desc=desc, leave=False)

@@ -77,7 +77,7 @@ class Config:
     log_every: int = 50                 # the original's print_freq
     # --- contrastive / momentum ------------------------------------------------------------------
     alpha: float = 0.4
-    hard_negatives: dict | None = None  # NegCLIP negatives in retrieval/pretraining, e.g. {captions: 3} (blip.negatives)
+    hard_negatives: dict | None = None  # NegCLIP: {captions: 3, images: 3} in retrieval/pretraining (blip.negatives)
     # --- evaluation / generation ---------------------------------------------------------------
     k_test: int = 256
     max_length: int = 20

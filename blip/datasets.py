@@ -170,6 +170,38 @@ class SkipsBadImages:
         return self.transform(img) if self.transform is not None else img
 
 
+class ImageFiles(Dataset):
+    """Distinct (path, box) images, each through every transform given (one per image size needed): item i is
+    (i, [tensors], None), or (i, None, why) for an unreadable image (the caller skips and names it)."""
+
+    def __init__(self, keys, transforms):
+        self.keys, self.transforms = keys, transforms
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        path, box = self.keys[i]
+        try:
+            img = read_image(path)
+        except UnreadableImage as e:
+            return i, None, str(e)
+        if box is not None:
+            x, y, w, h = box
+            img = img.crop((x, y, x + w, y + h))
+        return i, [t(img) for t in self.transforms], None
+
+
+def collate_image_files(batch):
+    """(readable indices, one stacked tensor per transform, [(index, why) unreadable])."""
+    good = [b for b in batch if b[1] is not None]
+    bad = [(b[0], b[2]) for b in batch if b[1] is None]
+    if not good:
+        return [], [], bad
+    n = len(good[0][1])
+    return [b[0] for b in good], [torch.stack([b[1][k] for b in good]) for k in range(n)], bad
+
+
 class ImageDataset(SkipsBadImages, Dataset):
     """Map-style base: subclasses implement `load(index)`, returning None when an image is bad, and
     `image_files(index)`, the image paths of entry `index`.

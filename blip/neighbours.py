@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import IterableDataset
 
 from . import distributed as dist
 from .checkpoint import atomic_write
-from .datasets import UnreadableImage, read_image
+from .datasets import ImageFiles, collate_image_files
+from .evaluation import eval_mode, rank_loader
 
 log = logging.getLogger(__name__)
 
@@ -79,40 +80,26 @@ def nearest(features: torch.Tensor, k: int, valid: torch.Tensor | None = None, c
     return out
 
 
-class _Images(Dataset):
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return self.transform(read_image(self.paths[i])), True
-        except UnreadableImage as e:
-            log.warning("neighbours: skipping unreadable image %s", e)
-            return torch.zeros(3, 1, 1), False
-
-
-def _collate(items):
-    ok = [x for x, good in items if good]
-    return (torch.stack(ok) if ok else None), torch.tensor([good for _, good in items])
-
-
 @torch.no_grad()
 def image_features(model, paths, transform, batch_size=64, num_workers=0) -> tuple[torch.Tensor, torch.Tensor]:
     """(ITC features of every image, readable mask), each rank embedding its share in eval mode, then gathered;
     an unreadable image's row is zeros."""
-    from .evaluation import eval_mode, gather, rank_loader
-    rows, valid = [], []
+    rows = [None] * len(paths)
     with eval_mode(model):
-        for images, ok in rank_loader(_Images(paths, transform), batch_size, num_workers, collate_fn=_collate):
-            feats = iter(model.image_features(images.to(model.device))[1].float().cpu() if images is not None else [])
-            rows += [next(feats) if good else None for good in ok.tolist()]
-            valid += ok.tolist()
-    rows, valid = gather(rows), gather(valid)
-    width = next((r.shape[0] for r in rows if r is not None), 1)
-    return torch.stack([torch.zeros(width) if r is None else r for r in rows]), torch.tensor(valid, dtype=torch.bool)
+        loader = rank_loader(ImageFiles([(p, None) for p in paths], [transform]), batch_size, num_workers,
+                             collate_fn=collate_image_files)
+        for index, pixels, bad in loader:
+            for why in (w for _, w in bad):
+                log.warning("neighbours: skipping unreadable image %s", why)
+            if index:
+                feats = model.image_features(pixels[0].to(model.device))[1].float().cpu()
+                for i, f in zip(index, feats):
+                    rows[i] = f
+    merged = [next((r for r in per_rank if r is not None), None) for per_rank in zip(*dist.all_gather_object(rows))]
+    width = next((r.shape[0] for r in merged if r is not None), 1)
+    valid = torch.tensor([r is not None for r in merged], dtype=torch.bool)
+    return torch.stack([torch.zeros(width) if r is None else r for r in merged]), valid
+
 
 
 def build(model, dataset, k: int, transform, batch_size=64, num_workers=0) -> NeighbourTable:
