@@ -63,20 +63,23 @@ def dataset_images(dataset) -> tuple[list[str], list[int]]:
     return list(index), row_image
 
 
-def nearest(features: torch.Tensor, k: int, valid: torch.Tensor | None = None, chunk: int = 4096) -> list[list[int]]:
+def nearest(features: torch.Tensor, k: int, valid: torch.Tensor | None = None, chunk: int | None = None
+            ) -> list[list[int]]:
     """Per row of `features` (unit vectors), the indices of the k most similar other rows (cosine, exact), among
-    the `valid` ones; an invalid row gets none."""
+    the `valid` ones; an invalid row gets none. Rows go `chunk` at a time (default: ~512 MB of similarities)."""
     n = features.shape[0]
-    valid = torch.ones(n, dtype=torch.bool) if valid is None else valid
+    chunk = chunk or max(1, (1 << 27) // max(n, 1))
+    valid = torch.ones(n, dtype=torch.bool, device=features.device) if valid is None else valid.to(features.device)
     k = min(k, int(valid.sum()) - 1)
     out: list[list[int]] = []
     for s in range(0, n, chunk):
         sims = features[s:s + chunk].float() @ features.float().t()
         sims[:, ~valid] = float("-inf")
-        rows = torch.arange(s, min(n, s + chunk))
+        rows = torch.arange(s, min(n, s + chunk), device=features.device)
         sims[rows - s, rows] = float("-inf")  # not itself
         top = sims.topk(max(k, 0), dim=1).indices.tolist() if k > 0 else [[] for _ in rows]
-        out += [t if valid[r] else [] for r, t in zip(rows.tolist(), top)]
+        keep = valid[s:s + chunk].tolist()
+        out += [t if ok else [] for ok, t in zip(keep, top)]
     return out
 
 
@@ -101,12 +104,12 @@ def image_features(model, paths, transform, batch_size=64, num_workers=0) -> tup
     return torch.stack([torch.zeros(width) if r is None else r for r in merged]), valid
 
 
-
 def build(model, dataset, k: int, transform, batch_size=64, num_workers=0) -> NeighbourTable:
     images, row_image = dataset_images(dataset)
     feats, valid = image_features(model, images, transform, batch_size, num_workers)
     unreadable = [p for p, ok in zip(images, valid.tolist()) if not ok]
-    return NeighbourTable(k, images, row_image, nearest(feats, k, valid), unreadable)
+    near = nearest(feats.to(model.device), k, valid)  # n² · d multiply-adds: on the model's device
+    return NeighbourTable(k, images, row_image, near, unreadable)
 
 
 def load_or_build(model, dataset, k: int, transform, out_dir, resume_dir=None, batch_size=64,
