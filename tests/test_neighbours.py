@@ -131,13 +131,14 @@ class _Recorder(RetrievalTask):
         return super().losses(forward, batch, progress)
 
 
-def test_training_pairs_each_anchor_and_resumes_with_the_saved_table(tmp_path, monkeypatch):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_training_pairs_each_anchor_and_resumes_with_the_saved_table(tmp_path, monkeypatch, accum):
     ann, root = write_gallery(tmp_path / "data", n_images=8, captions=2)  # (a broken image: the tests above)
     _, model = _retrieval()
     data = RetrievalTrainDataset(ann, root, eval_transform(32))
     _Recorder.seen = []
     task = _Recorder(tiny_config(OPT, task="retrieval", batch_size=4, max_epoch=2, queue_size=8, init_lr=1e-3,
-                                 num_workers=2, seed=2))
+                                 num_workers=2, seed=2, grad_accum_steps=accum))
     fit(task, model, data, tmp_path / "a")
     table = json.loads((tmp_path / "a" / N.FILE).read_text())
     assert table["k"] == 2 and table["unreadable"] == [] and len(table["images"]) == 8
@@ -146,13 +147,14 @@ def test_training_pairs_each_anchor_and_resumes_with_the_saved_table(tmp_path, m
         for a, p in zip(b[:4], b[4:]):
             assert p in table["neighbours"][a], (a, p)
 
-    # killed after 3 steps, resumed in a new process: the table is read back (never rebuilt), weights as one run
-    task_b, part = _retrieval(save_every_steps=1, num_workers=2)
+    # killed after 3 optimizer steps (with accum 2: inside epoch 1), resumed in a new process: the table is read
+    # back (never rebuilt) and the weights are those of one uninterrupted run
+    task_b, part = _retrieval(save_every_steps=1, num_workers=2, grad_accum_steps=accum)
     fit(task_b, part, data, tmp_path / "b", max_steps=3)
     monkeypatch.setattr(N, "build", lambda *a, **k: pytest.fail("the table was rebuilt on resume"))
-    task_c, resumed = _retrieval(num_workers=0)
+    task_c, resumed = _retrieval(num_workers=0, grad_accum_steps=accum)
     fit(task_c, resumed, data, tmp_path / "b", resume="latest")
-    task_d, full = _retrieval(num_workers=0)
+    task_d, full = _retrieval(num_workers=0, grad_accum_steps=accum)
     monkeypatch.undo()
     fit(task_d, full, data, tmp_path / "c")
     for k, v in full.state_dict().items():
