@@ -104,8 +104,9 @@ def image_features(model, paths, transform, batch_size=64, num_workers=0) -> tup
     return torch.stack([torch.zeros(width) if r is None else r for r in merged]), valid
 
 
-def build(model, dataset, k: int, transform, batch_size=64, num_workers=0) -> NeighbourTable:
-    images, row_image = dataset_images(dataset)
+def build(model, dataset, k: int, transform, batch_size=64, num_workers=0, listing=None) -> NeighbourTable:
+    """The table from `model`'s features; `listing`: dataset_images(dataset) when the caller has it already."""
+    images, row_image = listing or dataset_images(dataset)
     feats, valid = image_features(model, images, transform, batch_size, num_workers)
     unreadable = [p for p, ok in zip(images, valid.tolist()) if not ok]
     near = nearest(feats.to(model.device), k, valid)  # n² · d multiply-adds: on the model's device
@@ -126,7 +127,7 @@ def load_or_build(model, dataset, k: int, transform, out_dir, resume_dir=None, b
                 return NeighbourTable(**saved)
             log.warning("neighbours: %s was made for other images or another k; building the table again", path)
     start = time.time()
-    table = build(model, dataset, k, transform, batch_size, num_workers)
+    table = build(model, dataset, k, transform, batch_size, num_workers, listing=(images, row_image))
     if dist.is_main():
         atomic_write(Path(out_dir) / FILE, lambda tmp: Path(tmp).write_text(json.dumps(table.to_json())))
     log.info("neighbours: %d images, k=%d, from the initial model's ITC features in %.1f s (%d unreadable)",
