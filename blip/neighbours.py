@@ -113,6 +113,11 @@ def build(model, dataset, k: int, transform, batch_size=64, num_workers=0, listi
     return NeighbourTable(k, images, row_image, near, unreadable)
 
 
+def _write(table: NeighbourTable, out_dir):
+    if dist.is_main():
+        atomic_write(Path(out_dir) / FILE, lambda tmp: Path(tmp).write_text(json.dumps(table.to_json())))
+
+
 def load_or_build(model, dataset, k: int, transform, out_dir, resume_dir=None, batch_size=64,
                   num_workers=0) -> NeighbourTable:
     """The run's table: `neighbours.json` of the run (or of the checkpoint resumed from) when it was made for these
@@ -124,12 +129,14 @@ def load_or_build(model, dataset, k: int, transform, out_dir, resume_dir=None, b
             saved = json.loads(path.read_text())
             if saved["k"] == k and saved["images"] == images and saved["row_image"] == row_image:
                 log.info("neighbours: %d images, k=%d, from %s", len(images), k, path)
-                return NeighbourTable(**saved)
+                table = NeighbourTable(**saved)
+                if Path(folder) != Path(out_dir):
+                    _write(table, out_dir)  # a run resumed into a new folder keeps its table there too
+                return table
             log.warning("neighbours: %s was made for other images or another k; building the table again", path)
     start = time.time()
     table = build(model, dataset, k, transform, batch_size, num_workers, listing=(images, row_image))
-    if dist.is_main():
-        atomic_write(Path(out_dir) / FILE, lambda tmp: Path(tmp).write_text(json.dumps(table.to_json())))
+    _write(table, out_dir)
     log.info("neighbours: %d images, k=%d, from the initial model's ITC features in %.1f s (%d unreadable)",
              len(images), k, time.time() - start, len(table.unreadable))
     return table

@@ -186,3 +186,25 @@ def test_refusals(tmp_path):
     shards = WebDatasetShards(str(tmp_path / "x-{000000..000001}.tar"), None)
     with pytest.raises(ValueError, match="a stream of shards cannot fetch"):
         N.dataset_images(shards)
+
+
+def test_resume_into_another_folder_reads_the_table_beside_the_checkpoint_and_a_stale_one_is_replaced(tmp_path, monkeypatch):
+    ann, root = write_gallery(tmp_path / "data", n_images=8, captions=2)
+    data = RetrievalTrainDataset(ann, root, eval_transform(32))
+    task, model = _retrieval(save_every_steps=1)
+    fit(task, model, data, tmp_path / "a", max_steps=2)
+    monkeypatch.setattr(N, "build", lambda *a, **k: pytest.fail("the table was rebuilt on resume"))
+    task, resumed = _retrieval()
+    fit(task, resumed, data, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint_latest.pt"))
+    # read from a/, where the run began, and kept in b/ for the next resume from b/
+    assert json.loads((tmp_path / "b" / N.FILE).read_text()) == json.loads((tmp_path / "a" / N.FILE).read_text())
+    task, again = _retrieval()
+    fit(task, again, data, tmp_path / "b", resume="latest")
+    # a stale table of other images in the run folder is replaced, not used
+    stale = json.loads((tmp_path / "b" / N.FILE).read_text())
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / N.FILE).write_text(json.dumps({**stale, "images": stale["images"][::-1]}))
+    monkeypatch.undo()
+    task, fresh = _retrieval()
+    fit(task, fresh, data, tmp_path / "c", max_steps=1)
+    assert json.loads((tmp_path / "c" / N.FILE).read_text()) == stale
