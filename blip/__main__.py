@@ -282,9 +282,10 @@ def _run(args, device, precision, dist, inf, pre_caption, pre_question) -> int:
         fields = FIELDS["classify"]
 
         def extra(rows):
-            acc = inf.accuracy(rows, args.k)
+            k = min(args.k, len(labels))  # a row holds at most one entry per label
+            acc = inf.accuracy(rows, k)
             return {} if not acc else {"accuracy_n": acc["n"], "accuracy_top1": acc["top1"],
-                                       "accuracy_topk": acc[f"top{min(args.k, len(labels))}"], "k": args.k}
+                                       "accuracy_topk": acc[f"top{k}"], "k": k}
 
     if not items:
         raise ValueError(f"no images in {args.images}")

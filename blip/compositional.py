@@ -358,7 +358,7 @@ class ProbeScorer:
             pairs = [(row, n, k) for row, i in enumerate(image_ids) for n in by_image[i]
                      for k in range(len(cases[n].captions))]
             texts = [cases[n].captions[k] for _, n, k in pairs]
-            rows = torch.tensor([p[0] for p in pairs])
+            rows = torch.tensor([p[0] for p in pairs], device="cpu")  # image rows of the batch, moved per model
             for head, values in self._score_batch(pixels, sizes, rows, texts).items():
                 for (_, n, k), v in zip(pairs, values):
                     if out[head][n] is None:

@@ -85,6 +85,8 @@ class Config:
     num_beams: int = 3
     repetition_penalty: float = 1.0     # the NoCaps script uses 1.1
     meteor: bool = True                 # caption evaluation scores METEOR (a Java process, ~10 s a call)
+    score_captions: bool = True         # caption evaluation scores its captions (PTB tokenizer: Java); false: the
+    #                                     result files only (a machine without Java, e.g. a GPU image)
     inference: str = "rank"             # VQA: 'rank' | 'generate'
     # --- CapFilt (capfilt.py): captioner + filter over web pairs -----------------------------------
     captioner: str = ""                 # caption checkpoint writing the synthetic captions

@@ -142,7 +142,7 @@ class SkipsBadImages:
 
     def _init_skips(self):
         self.bad_images: list[str] = []
-        self._skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._skipped = torch.zeros(1, dtype=torch.int64, device="cpu").share_memory_()
         self._recent: list[str] = []
 
     def take_skipped(self) -> list[str]:
@@ -544,7 +544,7 @@ def vqa_collate(batch):
         answers += ans
         weights += w
         n.append(len(ans))
-    return torch.stack(images), questions, answers, torch.tensor(weights, dtype=torch.float32), n
+    return torch.stack(images), questions, answers, torch.tensor(weights, dtype=torch.float32, device="cpu"), n
 
 
 # ---- NLVR2 ----

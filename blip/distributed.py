@@ -33,10 +33,14 @@ def init_distributed(device: str | None = None) -> tuple[int, int, int, torch.de
     device: 'cpu', 'cuda' or None (CUDA when available). Under torchrun each process takes the
     GPU of its LOCAL_RANK.
     """
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         dev = torch.device(device or ("cuda" if use_cuda else "cpu"))
         if dev.type == "cuda":
+            if dev.index is None:  # set_device needs an index: 'cuda' means the current GPU
+                dev = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(dev)
         return 0, 0, 1, dev
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -61,7 +61,8 @@ class ResumableSampler(Sampler):
     def rank_slices(self):
         """This rank's share of each global batch, from `start_batch` on."""
         if self.shuffle:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            perm = torch.randperm(self.n, generator=g, device="cpu").tolist()
         else:
             perm = list(range(self.n))
         B = self.b * self.world
@@ -101,7 +102,7 @@ class NeighbourSampler(ResumableSampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch + 1)
-        draws = torch.randint(0, 2 ** 62, (self.n,), generator=g).tolist()
+        draws = torch.randint(0, 2 ** 62, (self.n,), generator=g, device="cpu").tolist()
         for rows in self.rank_slices():
             yield from rows
             yield from (self.partner(r, draws[r]) for r in rows)

@@ -5,6 +5,7 @@ gathered, so N ranks give the numbers of one."""
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from torch.utils.data import DataLoader, Subset
 from . import distributed as dist
 from .checkpoint import atomic_write
 from .metrics import accuracy, caption_scores, retrieval_recall, vqa_accuracy
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -60,7 +63,32 @@ def evaluate_retrieval(model, dataset, k_test=256, batch_size=64, num_workers=0,
 
     score_i2t, score_t2i = scores(sims, True), scores(sims.t(), False)
     model.train(was_training)
-    return retrieval_recall(score_i2t, score_t2i, dataset.txt2img, dataset.img2txt)
+    metrics = retrieval_recall(score_i2t, score_t2i, dataset.txt2img, dataset.img2txt)
+    metrics.update(feature_spread(image_feat, text_feat))
+    return metrics
+
+
+COLLAPSED = 0.99  # mean cosine between different inputs' features above which a tower is reported collapsed
+
+
+def mean_cosine(feat: torch.Tensor) -> float:
+    """Mean cosine similarity between the unit feature rows of different inputs: ~0 for features that tell inputs
+    apart, 1.0 when every input maps to one vector (a collapsed tower, whose rankings are ties broken by order)."""
+    n = feat.shape[0]
+    if n < 2:
+        return 0.0
+    total = feat.float().sum(0)
+    return float(((total @ total) - n) / (n * (n - 1)))  # sum over i != j of f_i . f_j, rows of norm 1
+
+
+def feature_spread(image_feat, text_feat) -> dict:
+    """The gallery's mean cross-input ITC cosine per tower; a tower at >= COLLAPSED is named in a warning."""
+    out = {"image_feat_cosine": mean_cosine(image_feat), "text_feat_cosine": mean_cosine(text_feat)}
+    collapsed = [k.split("_")[0] for k, v in out.items() if v >= COLLAPSED]
+    if collapsed and dist.is_main():
+        log.warning("collapsed %s features: every input maps to nearly one vector (mean cosine %s); recall is then "
+                    "decided by ties", " and ".join(collapsed), {k: round(v, 4) for k, v in out.items()})
+    return out
 
 
 # -- per-rank shards: each rank takes a contiguous slice, results are gathered in rank order ------------------

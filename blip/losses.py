@@ -55,7 +55,7 @@ def itm_pairs(image_embeds, ids, mask, neg_image_for_text, neg_text_for_image, n
     images = torch.cat([image_embeds, neg_image_embeds[neg_image_for_text], image_embeds])
     ids_all = torch.cat([ids, ids, neg_ids[neg_text_for_image]])
     mask_all = torch.cat([mask, mask, neg_mask[neg_text_for_image]])
-    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(ids.device)
+    labels = (torch.arange(3 * b, device=ids.device) < b).long()  # 1 for the b positives, 0 for the 2b negatives
     return images, ids_all, mask_all, labels
 
 

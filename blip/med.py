@@ -69,13 +69,14 @@ class TextConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def additive_mask(mask: torch.Tensor | None, q_len: int, causal: bool = False, past_len: int = 0):
-    """[B, Lk] 0/1 mask → additive [B, 1, Lq|1, Lk] (None when nothing is masked)."""
+def additive_mask(mask: torch.Tensor | None, q_len: int, device: torch.device, causal: bool = False,
+                  past_len: int = 0):
+    """[B, Lk] 0/1 mask → additive [B, 1, Lq|1, Lk] on `device` (None when nothing is masked)."""
     if mask is None and (not causal or q_len == 1):  # one new token may see every cached one
         return None
     if causal:
         k_len = past_len + q_len if mask is None else mask.shape[1]
-        ones = torch.ones(q_len, k_len, dtype=torch.bool, device=None if mask is None else mask.device)
+        ones = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
         allowed = torch.tril(ones, diagonal=k_len - q_len)[None, None]
         if mask is not None:
             allowed = allowed & mask[:, None, None, :].bool()
@@ -274,11 +275,12 @@ class TextModel(nn.Module):
         """
         past_len = 0 if past is None else past[0][0].shape[2]
         x = self.embeddings(input_ids, past_len)
-        self_mask = additive_mask(attention_mask, input_ids.shape[1], causal=causal, past_len=past_len)
+        dev = input_ids.device
+        self_mask = additive_mask(attention_mask, input_ids.shape[1], dev, causal=causal, past_len=past_len)
         if isinstance(encoder_hidden_states, (list, tuple)):
-            ctx_mask = [additive_mask(m, 1) for m in encoder_attention_mask]
+            ctx_mask = [additive_mask(m, 1, dev) for m in encoder_attention_mask]
         else:
-            ctx_mask = additive_mask(encoder_attention_mask, 1)
+            ctx_mask = additive_mask(encoder_attention_mask, 1, dev)
         cache = []
         ckpt = self.encoder.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.encoder.layer):

@@ -100,8 +100,8 @@ def image_features(model, paths, transform, batch_size=64, num_workers=0) -> tup
                     rows[i] = f
     merged = [next((r for r in per_rank if r is not None), None) for per_rank in zip(*dist.all_gather_object(rows))]
     width = next((r.shape[0] for r in merged if r is not None), 1)
-    valid = torch.tensor([r is not None for r in merged], dtype=torch.bool)
-    return torch.stack([torch.zeros(width) if r is None else r for r in merged]), valid
+    valid = torch.tensor([r is not None for r in merged], dtype=torch.bool, device="cpu")
+    return torch.stack([torch.zeros(width, device="cpu") if r is None else r for r in merged]), valid
 
 
 def build(model, dataset, k: int, transform, batch_size=64, num_workers=0, listing=None) -> NeighbourTable:

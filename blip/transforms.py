@@ -97,7 +97,7 @@ def rotate(img, degrees, fill=FILL):
 
 def _signed(x):
     # Each geometric magnitude gets a random sign, 50/50.
-    return -x if torch.rand(()).item() < 0.5 else x
+    return -x if torch.rand((), device="cpu").item() < 0.5 else x
 
 
 # name -> (op, level -> args); levels as the original: enhance (M/10)*1.8+0.1 (1.0 at M=5),
@@ -128,9 +128,9 @@ class RandomAugment:
 
     def __call__(self, img):
         img = np.array(img, dtype=np.uint8) if self.is_pil else img  # a writable copy
-        picks = torch.randint(len(self.augs), (self.n,)).tolist()
+        picks = torch.randint(len(self.augs), (self.n,), device="cpu").tolist()
         for name in (self.augs[i] for i in picks):
-            if torch.rand(()).item() > 0.5:
+            if torch.rand((), device="cpu").item() > 0.5:
                 continue
             op, level_to_args = OPS[name]
             img = op(img, *level_to_args(self.m))

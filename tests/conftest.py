@@ -1,5 +1,39 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+from tests._device_trap import ImplicitDeviceTrap
+
+TRAP_SITE = str(Path(__file__).parent / "_trap_site")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def device_trap():
+    """Every test runs under the implicit-device trap (tests/_device_trap.py): a tensor made by blip's code without
+    `device=` fails the test, as it would crash on a GPU. Tests marked `no_device_trap` run without it."""
+    with ImplicitDeviceTrap():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_device_trap(request, device_trap):
+    if request.node.get_closest_marker("no_device_trap") is None:
+        yield
+        return
+    mode = torch.overrides._pop_mode()  # the session's trap, at the top of the mode stack
+    try:
+        yield
+    finally:
+        torch.overrides._push_mode(mode)
+
+
+def trap_env(env=None) -> dict:
+    """`env` (default: this process's) for a child Python process that runs under the trap too."""
+    env = dict(os.environ if env is None else env, BLIP_DEVICE_TRAP="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [TRAP_SITE, env.get("PYTHONPATH")]))
+    return env
 
 
 @pytest.fixture
@@ -15,10 +49,9 @@ def one_thread():
 def launch(script, *args, nproc=1, cwd=None, timeout=300, env=None):
     """Run `script args` as one plain process (nproc=1) or under `torchrun --standalone` with nproc CPU ranks,
     one OpenMP thread each and no inherited torchrun variables. Asserts success; returns the CompletedProcess."""
-    import os
     import subprocess
     import sys
-    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
+    env = dict(trap_env(env), OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     runner = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

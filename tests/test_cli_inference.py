@@ -17,7 +17,7 @@ from PIL import Image
 import blip
 from blip import inference
 from blip.__main__ import main
-from tests.conftest import launch
+from tests.conftest import launch, trap_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_killed_run_resumes_to_the_uninterrupted_output(folder, captioner, tmp_p
     whole = tmp_path / "whole.jsonl"
     assert cli([*args, "-o", whole]) == 0
     cut = tmp_path / "cut.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(trap_env(dict(os.environ, PYTHONPATH=str(ROOT))), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "blip", *map(str, args), "-o", str(cut)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -165,6 +165,11 @@ def test_every_output_format_reads_back(folder, captioner, matcher, tmp_path, ca
     assert summary["accuracy_n"] == 47
     top1 = 100 * np.mean([r["labels"][0] == r["label"] for r in kj])
     assert summary["accuracy_top1"] == pytest.approx(top1)
+    # --k above the number of labels: top-k accuracy over all of them (100%), the k the rows hold
+    assert cli(["classify", folder, "--checkpoint", ckpt, "-o", tmp_path / "k5.jsonl", "--k", 5, "--no-progress",
+                "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "k5.summary.json").read_text())
+    assert summary["k"] == 3 and summary["accuracy_topk"] == 100.0
     # embeddings: safetensors and .npy + ids, equal to the ITC features computed directly
     x = blip.load_images(good, 32)
     _, want = model.image_features(x)

@@ -183,3 +183,16 @@ def test_itm_with_shared_image_kv_equals_one_image_per_row(index):
         per_row = model.itm_logits(image_embeds[index], ids, mask)
         shared = model.itm_logits(image_embeds, ids, mask, image_index=index)
     torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=1e-5)
+
+
+def test_feature_spread_is_the_mean_pairwise_cosine_and_names_a_collapsed_tower(caplog):
+    from blip.evaluation import feature_spread, mean_cosine
+    feat = torch.nn.functional.normalize(torch.randn(9, 5, generator=torch.Generator().manual_seed(0)), dim=-1)
+    sims = feat @ feat.t()
+    by_hand = (sims.sum() - sims.diagonal().sum()) / (9 * 8)
+    assert mean_cosine(feat) == pytest.approx(by_hand.item(), abs=1e-6)
+    one = torch.nn.functional.normalize(torch.ones(6, 5), dim=-1)
+    with caplog.at_level("WARNING"):
+        out = feature_spread(feat, one)
+    assert out["text_feat_cosine"] == pytest.approx(1.0, abs=1e-6) and out["image_feat_cosine"] < 0.5
+    assert "collapsed text features" in caplog.text and "collapsed image" not in caplog.text

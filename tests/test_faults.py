@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from blip.engine import fit
 from blip.tasks import PretrainTask
 from tests._tiny import PairData, tiny_config, tiny_model
-from tests.conftest import launch
+from tests.conftest import launch, trap_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_sigkill_of_a_two_rank_run_then_resume_gives_the_uninterrupted_weights(t
     full, killed = tmp_path / "full", tmp_path / "killed"
     launch(*_pretrain_args(world, full), nproc=2, cwd=ROOT, timeout=300)  # 16 steps per epoch, 3 epochs
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(trap_env(), OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

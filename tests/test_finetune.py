@@ -77,6 +77,12 @@ def test_caption_and_nocaps(world, tmp_path):
     print("caption", json.dumps({k: round(v, 3) for k, v in m.items()}), "captions shifted: CIDEr", blind)
     assert m["test_CIDEr"] > blind + 0.2  # measured 0.83-0.86 against 0.5
 
+    # score_captions=false (a machine without Java): the same result files, no scores, no best epoch to pick
+    unscored = run("train_caption", "shapes_caption.yaml", world, tmp_path / "unscored", "score_captions=false",
+                   evaluate_from=tmp_path / "train" / "model.safetensors")
+    assert unscored == {}
+    assert json.loads((tmp_path / "unscored" / "test_result.json").read_text()) == results
+
     # NoCaps: evaluation only, one result file per split file present (the shapes world has no nocaps_test.json)
     run("train_caption", "shapes_caption.yaml", world, tmp_path / "nocaps", "task=nocaps",
         evaluate_from=tmp_path / "train" / "model.safetensors")

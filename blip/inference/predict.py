@@ -188,9 +188,9 @@ def top_k(gallery: torch.Tensor, queries: torch.Tensor, k: int, use_faiss: bool 
     if use_faiss and faiss is None:
         raise ImportError("use_faiss=True, but faiss is not installed: pip install faiss-cpu (or `blip[faiss]`)")
     if faiss is not None and (use_faiss or gallery.shape[0] > 100_000):
-        index = faiss.IndexFlatIP(gallery.shape[1])
-        index.add(gallery.float().contiguous().numpy())
-        scores, idx = index.search(queries.float().contiguous().numpy(), k)
+        index = faiss.IndexFlatIP(gallery.shape[1])  # faiss-cpu: host arrays, whatever device the features are on
+        index.add(gallery.float().cpu().contiguous().numpy())
+        scores, idx = index.search(queries.float().cpu().contiguous().numpy(), k)
         return torch.from_numpy(scores), torch.from_numpy(idx).long()
     best_s, best_i = None, None
     for s in range(0, gallery.shape[0], chunk):

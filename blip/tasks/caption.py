@@ -45,7 +45,8 @@ class CaptionTask(Task):
                 log.warning("no %s: NoCaps %s skipped", path, split)
                 continue
             images = CaptionEvalDataset(path, cfg.image_root, self.test_transform(model))
-            gt = None if self.nocaps else self.ann_file(self.dataset, f"{split}_gt", root=cfg.coco_gt_root)
+            scored = cfg.score_captions and not self.nocaps
+            gt = self.ann_file(self.dataset, f"{split}_gt", root=cfg.coco_gt_root) if scored else None
             out[split] = lambda m, d=images, gt=gt, split=split: evaluate_caption(
                 m, d, cfg, gt, result_file=os.path.join(out_dir, f"{split}_result.json"))
         if not out:
@@ -53,4 +54,4 @@ class CaptionTask(Task):
         return out
 
     def best(self, metrics):
-        return None if self.nocaps else metrics["val_CIDEr"] + metrics["val_Bleu_4"]
+        return metrics["val_CIDEr"] + metrics["val_Bleu_4"] if "val_CIDEr" in metrics else None

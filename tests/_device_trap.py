@@ -1,0 +1,74 @@
+"""A CPU-side guard against tensors made on the default device by the project's own code.
+
+On a GPU, a tensor made without `device=` lands on the CPU while the data it meets is on the GPU: the first run on
+an H200 crashed that way (a causal mask from `torch.ones(..., device=None)` in `blip/med.py`). A CPU machine cannot
+see the mistake, because there the default device IS the data's device. This trap makes it visible everywhere:
+while it is on, every tensor factory (`torch.ones`, `zeros`, `arange`, `tensor`, `full`, `randperm`, ... torch's own
+list of device-taking constructors) called from the project's files (`blip/`, `data/`, the entry scripts) without an
+explicit `device=` raises ImplicitDeviceError naming the file and line. Two kinds of call are exempt, being right on
+any device by construction:
+  * building modules (a factory under an `nn.Module.__init__`): models are built on the default device and moved
+    (or built under `with torch.device(...)`), as torch intends;
+  * the DataLoader's machinery (samplers, workers, collate under `torch.utils.data`): the host side of the pipeline,
+    whose batches the engine moves to the device.
+Everything else says where its tensor lives: the device of the data it meets, or `"cpu"` for host-side values.
+
+    with ImplicitDeviceTrap():
+        model.losses(...)          # raises at the first implicit-device factory in blip code
+
+tests/conftest.py turns it on for every test, and `launch` passes BLIP_DEVICE_TRAP=1 to the scripts it starts,
+which `tests/_trap_site/sitecustomize.py` reads (so torchrun ranks and DataLoader workers are guarded too).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
+
+ROOT = Path(__file__).resolve().parent.parent
+_PROJECT = (str(ROOT / "blip") + os.sep, str(ROOT / "data") + os.sep)
+_SCRIPTS = {str(p) for p in ROOT.glob("*.py")}
+_TORCH = str(Path(torch.__file__).parent) + os.sep
+_DATA_MACHINERY = str(Path(torch.utils.data.__file__).parent) + os.sep
+_CONSTRUCTORS = _device_constructors()
+_FOLLOW_DATA = {torch.as_tensor, torch.asarray}  # of a tensor: its own device
+
+
+class ImplicitDeviceError(RuntimeError):
+    pass
+
+
+def _project_caller() -> str | None:
+    """'file:line' of the project frame that called the factory, or None when the call is not the project's own or
+    is exempt (module construction, the DataLoader's machinery)."""
+    frame, where = sys._getframe(2), None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(_DATA_MACHINERY):
+            return None
+        if where is None and not name.startswith(_TORCH):
+            if not (name.startswith(_PROJECT) or name in _SCRIPTS):
+                return None  # transformers, timm, numpy, the tests: not ours to judge
+            where = f"{os.path.relpath(name, ROOT)}:{frame.f_lineno} in {frame.f_code.co_name}"
+        if frame.f_code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), torch.nn.Module):
+            return None
+        frame = frame.f_back
+    return where
+
+
+class ImplicitDeviceTrap(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _CONSTRUCTORS and kwargs.get("device") is None and not (
+                func in _FOLLOW_DATA and args and isinstance(args[0], torch.Tensor)):
+            where = _project_caller()
+            if where is not None:
+                raise ImplicitDeviceError(
+                    f"torch.{getattr(func, '__name__', func)} without device= at {where}: on a GPU this tensor "
+                    f"would be made on the CPU; pass the device of the data it meets (or device='cpu' for a "
+                    f"host-side value)")
+        return func(*args, **kwargs)
