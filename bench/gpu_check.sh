@@ -11,8 +11,9 @@
 # Phase A (correctness, steps in parallel): bench/gpu_probe.py (autocast dtype in the training forward, bf16 vs fp32
 # losses, fp16 GradScaler, a NaN caught, decoding on the device); each entry script for one short epoch on a small
 # shapes world in fp32 and bf16 (pretrain, retrieval, caption, vqa, nlvr, ve, then capfilt and
-# evaluate_compositional on their models); torchrun --nproc_per_node 1 (NCCL on CUDA); every `blip` verb with the
-# device, fp32 and --bf16. Phase B (speed, one at a time): the benchmarks of bench/.
+# evaluate_compositional on their models), pretraining also compiled; torchrun --nproc_per_node 1 (NCCL on CUDA);
+# every `blip` verb with the device, fp32 and --bf16. Phase B (speed, one at a time): the benchmarks of bench/, the
+# BLIP-base step at batch 64 under set_sync_debug_mode("error"). CEILING=1 adds the batch ceilings (their own call).
 set -u
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 OUT=${OUT:-/tmp/gpu_out}; W=${WORK:-/tmp/gpu_check}
@@ -81,6 +82,7 @@ for P in fp32 bf16; do
   bg nlvr_$P 180 $PY train_nlvr.py --config configs/shapes_nlvr.yaml --device $D --output-dir $W/nlvr_$P "${WORLD[@]}" precision=$P
   bg ve_$P 180 $PY train_ve.py --config configs/shapes_ve.yaml --device $D --output-dir $W/ve_$P "${WORLD[@]}" precision=$P
 done
+bg pretrain_compiled 300 $PY pretrain.py --config configs/shapes_pretrain.yaml --device $D --output-dir $W/pretrain_compiled "${WORLD[@]}" precision=bf16 train_file=[$W/world/pretrain.json] --compile
 bg torchrun_${NCCL} 180 $PY -m torch.distributed.run --standalone --nproc_per_node 1 pretrain.py --config configs/shapes_pretrain.yaml --device $D --output-dir $W/torchrun "${WORLD[@]}" precision=bf16 train_file=[$W/world/pretrain.json]
 wait
 for P in fp32 bf16; do
@@ -105,10 +107,16 @@ fi
 
 # ---- phase B: the benchmarks, one at a time -----------------------------------------------------------------------
 if [ -z "${SKIP_BENCH:-}" ]; then
-  step bench_train_bf16_b$TB 120 $PY bench/bench_train.py --device $D --precision bf16 --batch $TB --steps $STEPS
+  SYNC=$([ $D = cuda ] && echo --sync-debug)   # the timed steps under set_sync_debug_mode("error"): no host sync
+  step bench_train_bf16_b$TB 120 $PY bench/bench_train.py --device $D --precision bf16 --batch $TB --steps $STEPS $SYNC
   step bench_train_bf16_b$TB2 120 $PY bench/bench_train.py --device $D --precision bf16 --batch $TB2 --steps $STEPS
+  step bench_train_bf16_compiled_b$TB2 240 $PY bench/bench_train.py --device $D --precision bf16 --batch $TB2 --steps $STEPS --compile
   step bench_train_bf16_vitL_b$TB 120 $PY bench/bench_train.py --device $D --precision bf16 --batch $TB --steps $STEPS --vit large
-  step bench_train_fp32_b$TB 120 $PY bench/bench_train.py --device $D --precision fp32 --batch $TB --steps $STEPS
+  if [ -n "${CEILING:-}" ]; then   # the largest batch that fits, BLIP-base and ViT-L at 224 and 384 (a call of its own)
+    for V in base large; do for S in 224 384; do
+      step bench_ceiling_${V}_$S 300 $PY bench/bench_train.py --device $D --precision bf16 --vit $V --image-size $S --batch 64 --steps 3 --ceiling
+    done; done
+  fi
   step bench_infer 200 $PY bench/bench_infer.py --device $D $INFER
   step bench_eval 200 $PY bench/bench_eval.py --device $D $EVAL
   step bench_capfilt 120 $PY bench/bench_capfilt.py --device $D $CAP

@@ -9,6 +9,7 @@ the same checks on the CPU). Each check prints one line, `check NAME: ok (what w
 - bf16_losses_near_fp32: the same batch and weights: bf16 losses differ from fp32 (autocast is applied) by less
   than bf16 allows (it is the same computation).
 - nonfinite_caught: a NaN loss stops training with FloatingPointError, naming the step.
+- no_host_sync_in_steps (CUDA): a training step of every task under torch.cuda.set_sync_debug_mode("error").
 - beam_search_on_device: beam search, greedy and sampling run on the device; beam tokens are compared with the CPU's.
 """
 from __future__ import annotations
@@ -89,7 +90,7 @@ def check_bf16_losses(device):
                                                 "med_config.attention_probs_dropout_prob": 0.0})
         model = model.to(device).train()
         data = Pairs(4)
-        batch = torch.stack([data[i][0] for i in range(4)]).to(device), [data[i][1] for i in range(4)]
+        batch = task.collate(model)([data[i] for i in range(4)], list(range(4))).to(device)
         torch.manual_seed(5)
         with autocast(device, precision):
             out = task.losses(model, batch, Progress(0, 0, 1))
@@ -119,6 +120,56 @@ def check_nonfinite(device):
     raise AssertionError("a NaN loss did not stop training")
 
 
+def samples_of(name, n=4):
+    """A few synthetic training samples in the shape each task's dataset gives them."""
+    images = [Pairs(n)[i][0] for i in range(n)]
+    texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
+    return {"pretrain": list(zip(images, texts)),
+            "retrieval": [(x, t, i // 2) for i, (x, t) in enumerate(zip(images, texts))],
+            "caption": list(zip(images, texts, range(n))),
+            "vqa": [(x, "what is it", ["red", "two"], [0.5, 0.5]) for x in images],
+            "nlvr": [(x, x.flip(-1), t, i % 2) for i, (x, t) in enumerate(zip(images, texts))],
+            "ve": [(x, t, i % 3) for i, (x, t) in enumerate(zip(images, texts))]}[name]
+
+
+def check_no_host_sync(device):
+    """One training step of every task (typed batch on the device, accumulation 2) under
+    torch.cuda.set_sync_debug_mode("error"): a host sync anywhere in it raises."""
+    import itertools
+    from blip import engine
+    from blip import tasks
+    done = []
+    for name, cls in (("pretrain", tasks.PretrainTask), ("retrieval", tasks.RetrievalTask),
+                      ("caption", tasks.CaptionTask), ("vqa", tasks.VQATask), ("nlvr", tasks.NLVRTask),
+                      ("ve", tasks.VETask)):
+        extra = ["hard_negatives={captions: 2, tagger: shapes}"] if name in ("pretrain", "retrieval") else []
+        cfg = load_config(None, [f"task={name}", "preset=micro", "batch_size=4", "queue_size=8", "grad_accum_steps=2",
+                                 "precision=bf16", "grad_clip=1.0", "num_workers=0", *extra])
+        task = cls(cfg)
+        model = task.build_model()
+        data = samples_of(name)
+        with tempfile.TemporaryDirectory() as out:
+            run = engine.setup(task, model, data, out, device=device)
+            collate = task.collate(model)
+            batch = (collate(data, list(range(4))) if getattr(collate, "seeded", False) else collate(data)).to(device)
+            step = lambda: engine.train_step(run, itertools.repeat((batch, [])), engine.Progress(1, 0, 10))  # noqa
+            step()  # warm-up: allocations, first-call checks
+            if device.type != "cuda":
+                step()
+            else:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize()
+        done.append(name)
+    if device.type != "cuda":  # tests/test_step.py checks these steps on the CPU with its host-sync trap
+        return "steps ran; the sync check itself is CUDA's: " + ", ".join(done)
+    return "no host sync in a step of " + ", ".join(done)
+
+
 def check_decoding(device):
     torch.manual_seed(0)
     model = blip.load_model("caption", preset="micro")
@@ -141,6 +192,7 @@ def main(argv=None):
     checks = {f"autocast_{prec}": (lambda prec=prec: check_autocast(device, prec)) for prec in ("fp32", "bf16", "fp16")}
     checks.update(bf16_losses_near_fp32=lambda: check_bf16_losses(device),
                   nonfinite_caught=lambda: check_nonfinite(device),
+                  no_host_sync_in_steps=lambda: check_no_host_sync(device),
                   beam_search_on_device=lambda: check_decoding(device))
     failed = 0
     for name, fn in checks.items():

@@ -71,6 +71,7 @@ class Config:
     grad_accum_steps: int = 1
     grad_clip: float | None = None      # max grad norm; None: no clipping (as the original)
     precision: str = "fp32"             # 'fp32' | 'bf16' | 'fp16'
+    compile: bool = False               # torch.compile the training forward + backward (static-shape batches)
     schedule: str | None = None         # 'cosine' | 'step' (warmup + step decay); None: the task's default
     deterministic: bool = False         # bit-identical runs and resumes (see blip.determinism), at a cost
     save_every_steps: int = 0           # 0: checkpoint at epoch ends only
@@ -228,6 +229,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None, help="checkpoint to resume, or 'latest'")
     parser.add_argument("--evaluate", action="store_true", help="evaluate only, no training")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step (= --set compile=true)")
     return parser
 
 
@@ -236,4 +238,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config, args.overrides)
     if args.output_dir is not None:
         cfg.output_dir = args.output_dir
+    if getattr(args, "compile", False):
+        cfg.compile = True
     return cfg

@@ -535,18 +535,6 @@ class VQADataset(ImageDataset):
         return (image, question, *answer_weights(e))
 
 
-def vqa_collate(batch):
-    """-> (images [B,3,H,W], questions, answers flattened, weights tensor, n answers per question)."""
-    images, questions, answers, weights, n = [], [], [], [], []
-    for image, question, ans, w in batch:
-        images.append(image)
-        questions.append(question)
-        answers += ans
-        weights += w
-        n.append(len(ans))
-    return torch.stack(images), questions, answers, torch.tensor(weights, dtype=torch.float32, device="cpu"), n
-
-
 # ---- NLVR2 ----
 
 def swap_left_right(sentence: str) -> str:

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
 from . import distributed as dist
+from .batches import Batch
 from .checkpoint import atomic_write, save_weights
 from .schedules import SCHEDULES
 
@@ -134,7 +135,7 @@ def _take_skipped(dataset) -> list[str]:
 
 class SeededSamples(Dataset):
     """Sample i of epoch e, augmented with its own seed in a private RNG scope, with the names of the unreadable
-    images skipped to make it: (sample, [names])."""
+    images skipped to make it and that seed (for a collate's own draws): (sample, [names], seed)."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -143,9 +144,10 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        with private_rng(sample_seed(self.seed, self.epoch, i)):
+        seed = sample_seed(self.seed, self.epoch, i)
+        with private_rng(seed):
             sample = self.dataset[i]
-        return sample, _take_skipped(self.dataset)
+        return sample, _take_skipped(self.dataset), seed
 
 
 class SeededShards(IterableDataset):
@@ -163,22 +165,26 @@ class SeededShards(IterableDataset):
         reader = dist.get_rank() * 1000 + (info.id if info else 0)
         stream = iter(self.dataset)
         for k in itertools.count():
-            with private_rng(sample_seed(self.seed, self.epoch * 1009 + reader, k)):
+            seed = sample_seed(self.seed, self.epoch * 1009 + reader, k)
+            with private_rng(seed):
                 sample = next(stream, None)
             if sample is None:
                 return
-            yield sample, _take_skipped(self.dataset)
+            yield sample, _take_skipped(self.dataset), seed
 
 
 class _Collate:
-    """The task's collate over the samples; the skipped names ride along: (batch, [names])."""
+    """The task's collate over the samples (given their seeds when it draws: `seeded`); the skipped names ride
+    along: (batch, [names])."""
 
     def __init__(self, collate_fn=None):
         self.collate_fn = collate_fn or default_collate
+        self.seeded = getattr(collate_fn, "seeded", False)
 
     def __call__(self, items):
-        samples, skipped = zip(*items)
-        return self.collate_fn(list(samples)), [name for names in skipped for name in names]
+        samples, skipped, seeds = zip(*items)
+        batch = self.collate_fn(list(samples), list(seeds)) if self.seeded else self.collate_fn(list(samples))
+        return batch, [name for names in skipped for name in names]
 
 
 class EpochData:
@@ -233,7 +239,7 @@ class EpochData:
 
 
 def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, (torch.Tensor, Batch)):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(b, device) for b in batch)
@@ -415,7 +421,9 @@ def setup(task, model, dataset, out_dir, resume=None, device=None) -> Run:
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     resume_dir = None if not resume else (out_dir if resume == "latest" else Path(resume).parent)
     neighbours = task.image_neighbours(model, dataset, out_dir, resume_dir)  # before the resumed weights load
-    data = EpochData(dataset, cfg, getattr(task, "collate_fn", None), device, neighbours)
+    data = EpochData(dataset, cfg, task.collate(model), device, neighbours)
+    if cfg.compile:  # the training forward (the losses, momentum encoders included) and its backward
+        forward = torch.compile(forward)
     run = Run(task, model, forward, optimizer, scaler, data, device, Path(out_dir),
               finite=torch.ones((), dtype=torch.bool, device=device))
     if resume:

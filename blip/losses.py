@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .batches import sample_one
+
 
 def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha, pos,
              neg_text_feat=None, neg_text_feat_m=None):
@@ -42,10 +44,9 @@ def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
 
 @torch.no_grad()
 def draw_hard_negatives(weights_t2i, weights_i2t, generator=None):
-    """One similarity-weighted draw per row: (image index for each text, text index for each image)."""
-    neg_image_for_text = torch.multinomial(weights_t2i.float(), 1, generator=generator)[:, 0]
-    neg_text_for_image = torch.multinomial(weights_i2t.float(), 1, generator=generator)[:, 0]
-    return neg_image_for_text, neg_text_for_image
+    """One similarity-weighted draw per row: (image index for each text, text index for each image); the draws of
+    torch.multinomial(weights, 1), without its host sync (blip.batches.sample_one)."""
+    return sample_one(weights_t2i, generator), sample_one(weights_i2t, generator)
 
 
 def itm_pairs(image_embeds, ids, mask, neg_image_for_text, neg_text_for_image, neg_image_embeds, neg_ids, neg_mask):
@@ -57,16 +58,3 @@ def itm_pairs(image_embeds, ids, mask, neg_image_for_text, neg_text_for_image, n
     mask_all = torch.cat([mask, mask, neg_mask[neg_text_for_image]])
     labels = (torch.arange(3 * b, device=ids.device) < b).long()  # 1 for the b positives, 0 for the 2b negatives
     return images, ids_all, mask_all, labels
-
-
-@torch.no_grad()
-def pick_negative_captions(neg_owner, n_images, generator=None):
-    """For each image, one of its own hard negative captions, uniformly: (image rows, caption rows) for the images
-    that have one. neg_owner[j] = the image (batch row) whose caption negative caption j was made from."""
-    neg_owner = torch.as_tensor(neg_owner)
-    weights = (neg_owner[None, :] == torch.arange(n_images, device=neg_owner.device)[:, None]).float()
-    has = weights.sum(1) > 0
-    rows = has.nonzero()[:, 0]
-    if len(rows) == 0:
-        return rows, rows
-    return rows, torch.multinomial(weights[rows], 1, generator=generator)[:, 0]

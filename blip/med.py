@@ -369,27 +369,30 @@ class TextDecoder(nn.Module):
         return self.cls.predictions(out)
 
     def loss(self, input_ids, labels, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-             reduction: str = "mean", label_smoothing: float = 0.1):
+             reduction: str = "mean", label_smoothing: float = 0.1, positions=None):
         """`lm_loss` of `labels` (the inputs with ignored positions −100), vocabulary logits only at targets."""
         h = self.bert(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, causal=True)
-        return lm_loss(h, labels, self.cls.predictions, reduction, label_smoothing)
+        return lm_loss(h, labels, self.cls.predictions, reduction, label_smoothing, positions)
 
 
-def lm_loss(hidden, labels, head=None, reduction: str = "mean", label_smoothing: float = 0.1):
+def lm_loss(hidden, labels, head=None, reduction: str = "mean", label_smoothing: float = 0.1, positions=None):
     """Next-token cross-entropy (labels −100 ignored), label smoothing 0.1 as the original.
 
-    `hidden` [B, L, h] are decoder states and `head` maps them to vocabulary logits; the head runs only where
-    a target exists (padding and prompt positions skipped): the same numbers as full logits for a fraction of
+    `hidden` [B, L, h] are decoder states and `head` maps them to vocabulary logits; the head runs only at
+    `positions` (flat indices into [B, L - 1], blip.batches.lm_positions: position t predicts token t + 1), the
+    targets a collate listed on the host; without them they are found here (a host sync on a GPU). Positions whose
+    label is −100 weigh nothing (a static batch lists them all). The same numbers as full logits for a fraction of
     the vocabulary projection's cost. Without `head`, `hidden` are the logits.
     reduction 'none' gives one loss per sequence: the sum of its token losses.
     """
-    targets = labels[:, 1:]
-    rows, cols = (targets != -100).nonzero(as_tuple=True)
-    picked = hidden[rows, cols]  # position t predicts token t + 1
+    targets = labels[:, 1:].reshape(-1)
+    if positions is None:
+        positions = (targets != -100).nonzero()[:, 0]
+    picked = hidden[:, :-1].reshape(-1, hidden.shape[-1])[positions]
     logits = (picked if head is None else head(picked)).float()
-    loss = F.cross_entropy(logits, targets[rows, cols], reduction=reduction, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits, targets[positions], reduction=reduction, label_smoothing=label_smoothing)
     if reduction == "none":
-        loss = loss.new_zeros(labels.shape[0]).index_add_(0, rows, loss)
+        loss = loss.new_zeros(labels.shape[0]).index_add_(0, positions // (labels.shape[1] - 1), loss)
     return loss
 
 

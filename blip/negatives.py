@@ -254,28 +254,15 @@ class NegativeSampler:
             self._cache[caption] = [neg.text for neg in caption_negatives(caption, self.tagger)]
         return self._cache[caption]
 
-    def __call__(self, captions: Sequence[str], rng: random.Random) -> list[list[str]]:
-        """For each caption, min(n, available) distinct negatives drawn without replacement."""
-        out = []
-        for c in captions:
-            cands = self.candidates(c)
-            out.append(rng.sample(cands, min(self.n, len(cands))))
-        return out
+    def __call__(self, caption: str, rng: random.Random) -> list[str]:
+        """min(n, available) distinct negatives of `caption`, drawn without replacement."""
+        cands = self.candidates(caption)
+        return rng.sample(cands, min(self.n, len(cands)))
 
 
-_SAMPLERS: dict[str, NegativeSampler | None] = {}
-
-
-def training_negatives(cfg, captions: Sequence[str], epoch: int, step: int) -> dict:
-    """What a task passes to its model's losses for the `hard_negatives` option: {'negative_captions': one list per
-    caption}, drawn from a stream seeded by (seed, epoch, step, first caption), so a resumed run draws the same;
-    {} when the option is off (the original's losses, bit for bit)."""
-    key = repr(sorted((cfg.hard_negatives or {}).items()))
-    if key not in _SAMPLERS:
-        opt = HardNegatives.from_config(cfg.hard_negatives)
-        _SAMPLERS[key] = NegativeSampler(opt.captions, opt.tagger) if opt.captions else None
-    sampler = _SAMPLERS[key]
-    if sampler is None:
-        return {}
-    rng = random.Random(f"{cfg.seed}:{epoch}:{step}:{captions[0] if len(captions) else ''}")
-    return {"negative_captions": sampler(list(captions), rng)}
+def caption_sampler(option: dict | None) -> NegativeSampler | None:
+    """The sampler of the config's `hard_negatives` option (its `captions` and `tagger`), None when it draws none. A
+    training collate calls it once per caption with a stream seeded by that sample's seed (blip.batches.PairCollate),
+    so workers, ranks and a resumed run draw the same; off, the losses are the original's bit for bit."""
+    opt = HardNegatives.from_config(option)
+    return NegativeSampler(opt.captions, opt.tagger) if opt.captions else None

@@ -1,4 +1,5 @@
-"""torchrun worker for the engine tests: `nlvr OUT BATCH` trains the tiny NLVR2 model and saves its final weights;
+"""torchrun worker for the engine tests: `nlvr OUT BATCH [compile]` trains the tiny NLVR2 model (compiled: DDP under
+torch.compile) and saves its final weights;
 `negatives OUT 0` trains with ITM negatives drawn over both ranks; `ranklog OUT 2` logs a loss that differs per
 rank and micro-step; `neighbours OUT BATCH DATA` fine-tunes retrieval with nearest-neighbour images on the files
 of DATA (tests/test_neighbours.py)."""
@@ -13,8 +14,9 @@ from blip.tasks import NLVRTask, PretrainTask, RetrievalTask  # noqa: E402
 from tests._tiny import PairData, tiny_config, tiny_model  # noqa: E402
 
 
-def nlvr(out_dir, batch, device):
-    cfg = tiny_config(task="nlvr", batch_size=batch, max_epoch=1, init_lr=1e-3, num_workers=0, seed=3)
+def nlvr(out_dir, batch, device, compile=""):
+    cfg = tiny_config(task="nlvr", batch_size=batch, max_epoch=1, init_lr=1e-3, num_workers=0, seed=3,
+                      compile=compile == "compile")
     model = tiny_model(NLVRTask, cfg)
     fit(NLVRTask(cfg), model, PairData(32, "nlvr"), out_dir, device=device)
     if dist.is_main():

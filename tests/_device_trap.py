@@ -72,3 +72,64 @@ class ImplicitDeviceTrap(TorchFunctionMode):
                     f"would be made on the CPU; pass the device of the data it meets (or device='cpu' for a "
                     f"host-side value)")
         return func(*args, **kwargs)
+
+
+# -- host syncs --------------------------------------------------------------------------------------------------
+class HostSyncError(RuntimeError):
+    pass
+
+
+def _bool_index(args) -> bool:
+    """An index holding a bool tensor (a mask): indexing by it needs the number of True entries on the host."""
+    index = args[1] if len(args) > 1 else None
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+T = torch.Tensor
+# Reads a device tensor's values back to the host: on a GPU each waits for every kernel queued before it.
+_READS = {T.item, T.tolist, T.__bool__, T.__int__, T.__float__, T.__index__, T.cpu, T.numpy, T.nonzero, torch.nonzero,
+          torch.argwhere, T.masked_select, torch.masked_select, torch.unique, T.unique, torch.unique_consecutive,
+          torch.bincount, T.bincount, torch.equal, torch.allclose, T.allclose,
+          torch.multinomial, T.multinomial}  # multinomial checks its weights on the host (blip.batches.sample_one)
+_SIZED_BY_VALUES = {torch.repeat_interleave, T.repeat_interleave}  # output size from the repeats' values
+_INDEXING = {T.__getitem__, T.__setitem__, T.index_put_, T.index_put}
+
+
+class HostSyncTrap(TorchFunctionMode):
+    """While on, an operation that reads tensor values back to the host (`.item()`, `.tolist()`, `bool()`, `nonzero`,
+    boolean-mask indexing, `repeat_interleave` by a tensor, `multinomial`, ...) raises HostSyncError naming it and the
+    project line that asked for it; the DataLoader's machinery (host data by nature) is exempt. On the CPU it shows
+    the reads that would stall a GPU step; bench/gpu_check.sh checks the same step under
+    torch.cuda.set_sync_debug_mode("error") on a GPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        reads = (func in _READS
+                 or (func in _SIZED_BY_VALUES and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"),
+                                                             torch.Tensor) and kwargs.get("output_size") is None)
+                 or (func in _INDEXING and _bool_index(args))
+                 or (func is torch.where and len(args) + len(kwargs) == 1))
+        if reads and not _in_data_machinery():
+            raise HostSyncError(f"{getattr(func, '__qualname__', func)} reads tensor values back to the host at "
+                                f"{_caller()}")
+        return func(*args, **kwargs)
+
+
+def _in_data_machinery() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_DATA_MACHINERY):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _caller() -> str:
+    """'file:line in function' of the first frame outside torch: the code that asked."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_TORCH):
+        frame = frame.f_back
+    if frame is None:
+        return "(torch)"
+    return f"{os.path.relpath(frame.f_code.co_filename, ROOT)}:{frame.f_lineno} in {frame.f_code.co_name}"

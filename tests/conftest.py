@@ -46,12 +46,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def launch(script, *args, nproc=1, cwd=None, timeout=300, env=None):
+def launch(script, *args, nproc=1, cwd=None, timeout=300, env=None, trap=True):
     """Run `script args` as one plain process (nproc=1) or under `torchrun --standalone` with nproc CPU ranks,
-    one OpenMP thread each and no inherited torchrun variables. Asserts success; returns the CompletedProcess."""
+    one OpenMP thread each and no inherited torchrun variables, under the implicit-device trap unless `trap` is
+    False (torch.compile traces the model, not the trap). Asserts success; returns the CompletedProcess."""
     import subprocess
     import sys
-    env = dict(trap_env(env), OMP_NUM_THREADS="1")
+    env = dict(trap_env(env) if trap else (os.environ if env is None else env), OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     runner = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 from blip import datasets as D
+from blip.batches import VQACollate
 from blip import transforms as T
 from data.shapes import generate_shapes_world
 
@@ -142,10 +143,12 @@ def test_retrieval_datasets(world, tf):
 
 def test_vqa_dataset_and_collate(world, tf):
     train = D.VQADataset([world["vqa_train"]], world["root"], tf, split="train")
-    batch = [train[k] for k in range(3)]
-    images, questions, answers, weights, n = D.vqa_collate(batch)
-    assert images.shape == (3, 3, 16, 16) and len(questions) == 3
-    assert len(answers) == len(weights) == sum(n) and torch.allclose(weights.sum(), torch.tensor(3.0))
+    samples = [train[k] for k in range(3)]
+    batch = VQACollate(question_max_length=35, answer_max_length=None)(samples)
+    assert batch.images.shape == (3, 3, 16, 16) and batch.q_ids.shape[0] == 3
+    n = [len(s[2]) for s in samples]
+    assert len(batch.a_ids) == len(batch.weights) == sum(n) and torch.allclose(batch.weights.sum(), torch.tensor(3.0))
+    assert batch.a_question.tolist() == [q for q, k in enumerate(n) for _ in range(k)]  # each answer's question
     test = D.VQADataset(world["vqa_test"], world["root"], tf, split="test", answer_list=world["answer_list"])
     image, question, qid = test[0]
     assert isinstance(qid, int) and question == question.lower() and "yes" in test.answer_list

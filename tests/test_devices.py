@@ -146,7 +146,7 @@ def test_bf16_losses_differ_from_fp32_within_bf16_tolerance():
     for precision in ("fp32", "bf16"):
         task, model = _pretrain(precision, **{"med_config.hidden_dropout_prob": 0.0,
                                               "med_config.attention_probs_dropout_prob": 0.0})
-        batch = torch.stack([PairData(4)[i][0] for i in range(4)]), [PairData(4)[i][1] for i in range(4)]
+        batch = task.collate(model)([PairData(4)[i] for i in range(4)], list(range(4)))
         torch.manual_seed(5)
         with autocast(torch.device("cpu"), precision):
             out = task.losses(model, batch, Progress(epoch=0, step=0, steps_per_epoch=1))

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from blip.config import load_config
 from blip.losses import itc_loss
-from blip.negatives import (OPPOSITES, SHAPES_WORDS, caption_negatives, lexicon_tagger, shapes_tagger,
-                            training_negatives)
+from blip.negatives import OPPOSITES, SHAPES_WORDS, caption_negatives, caption_sampler, lexicon_tagger, shapes_tagger
 from blip.tasks import PretrainTask, RetrievalTask
 from data import shapes
 from data.shapes_probes import pair_captions, sample_pair
@@ -166,31 +165,51 @@ def test_option_off_gives_todays_losses(task_cls):
         cfg = tiny_config("queue_size=8")
         cfg.hard_negatives = off
         task = task_cls(cfg)
-        assert training_negatives(cfg, CAPS, 0, 0) == {}
+        assert caption_sampler(cfg.hard_negatives) is None
         progress = Progress(epoch=3, step=0, steps_per_epoch=10)  # past the alpha ramps
-        batch = (_batch(), CAPS, torch.tensor([0, 1, 2, 3])) if task_cls is RetrievalTask else (_batch(), CAPS)
+        samples = [(img, c, i) if task_cls is RetrievalTask else (img, c) for i, (img, c) in enumerate(zip(_batch(), CAPS))]
         results = []
         for via_task in (True, False):
             model = tiny_model(task_cls, cfg)
             torch.manual_seed(5)  # the ITM negatives' draw
-            if via_task:
-                out = task.losses(model, batch, progress)
+            if via_task:  # the training path: the task's collate, its losses
+                out = task.losses(model, task.collate(model)(samples, list(range(4))), progress)
             else:  # the losses as they were called before the option existed
-                kw = {"idx": batch[2]} if task_cls is RetrievalTask else {}
-                out = model.losses(batch[0], batch[1], alpha=cfg.alpha, **kw)
+                kw = {"idx": [0, 1, 2, 3]} if task_cls is RetrievalTask else {}
+                out = model.losses(_batch(), CAPS, alpha=cfg.alpha, **kw)
             results.append({k: v.item() for k, v in out.items()})
         assert results[0] == results[1]
 
 
-def test_training_negatives_are_seeded_and_resumable():
-    cfg = tiny_config("hard_negatives={captions: 2, tagger: shapes}")
-    a = training_negatives(cfg, CAPS, 3, 7)["negative_captions"]
-    assert a == training_negatives(cfg, CAPS, 3, 7)["negative_captions"]
-    assert [len(x) for x in a] == [2, 2, 1, 0]  # as many as each caption has, at most 2
-    for caption, negs in zip(CAPS, a):
-        assert set(negs) <= {n.text for n in caption_negatives(caption, shapes_tagger)}
-    draws = {tuple(training_negatives(cfg, CAPS, 0, s)["negative_captions"][0]) for s in range(20)}
-    assert len(draws) > 1  # redrawn each step
+def test_training_negatives_are_drawn_per_sample_seed():
+    """A caption's hard captions in training depend on its sample's seed alone (not on the batch, worker or rank),
+    so a resumed run draws the same; another seed (epoch) draws anew."""
+    cfg = tiny_config("hard_negatives={captions: 2, tagger: shapes}", task="retrieval", queue_size=8)
+    task = RetrievalTask(cfg)
+    collate = task.collate(tiny_model(RetrievalTask, cfg))
+    samples = [(img, c, i) for i, (img, c) in enumerate(zip(_batch(), CAPS))]
+    sampler = caption_sampler(cfg.hard_negatives)
+
+    def drawn(batch):
+        rows = batch.neg_owner.tolist()
+        texts = [t.replace(" ", "") for t in collate_texts(batch)]
+        return [[t for r, t in zip(rows, texts) if r == i] for i in range(len(CAPS))]
+
+    a = collate(samples, [11, 12, 13, 14])
+    assert [len(x) for x in drawn(a)] == [2, 2, 1, 0]  # as many as each caption has, at most 2
+    for caption, negs in zip(CAPS, drawn(a)):
+        assert set(negs) <= {n.text.replace(" ", "") for n in caption_negatives(caption, shapes_tagger)}
+    # the same seeds give the same draws in another batch order (another worker or rank); the rows that have one
+    b = collate(samples[::-1], [14, 13, 12, 11])
+    assert drawn(b) == drawn(a)[::-1] and a.neg_rows.tolist() == [0, 1, 2]
+    assert a.neg_weights.tolist() == [[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]  # each row: its own
+    draws = {tuple(sampler(CAPS[0], random.Random(f"negatives:{s}"))) for s in range(20)}
+    assert len(draws) > 1  # another seed, another draw
+
+
+def collate_texts(batch):
+    from blip.tokenizer import decode
+    return [decode(ids.tolist()) for ids in batch.neg_ids]
 
 
 def test_negative_captions_enter_itc_with_gradient():

@@ -127,7 +127,7 @@ class _Recorder(RetrievalTask):
     seen: list = []
 
     def losses(self, forward, batch, progress):
-        type(self).seen.append(batch[2].tolist())
+        type(self).seen.append(batch.idx.tolist())
         return super().losses(forward, batch, progress)
 
 

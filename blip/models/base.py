@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import BackboneConfig, build_backbone, layer_ids
+from ..batches import Batch
 from ..med import TextConfig
 from ..tokenizer import VOCAB_SIZE, tokenize
 from ..vit import VIT_PRESETS, VisionConfig, build_vit
@@ -131,6 +132,13 @@ class BlipModel(nn.Module):
     def device(self):
         return next(self.visual_encoder.parameters()).device
 
+    def forward(self, *args, **kwargs):
+        """What DDP and torch.compile call in training: a typed batch (blip.batches) -> `batch_losses`, the tensors a
+        task's collate made; anything else -> `losses`, the same computation from strings (tokenized here)."""
+        if args and isinstance(args[0], Batch):
+            return self.batch_losses(*args, **kwargs)
+        return self.losses(*args, **kwargs)
+
     def vision_layers(self) -> tuple[dict[str, int], int]:
         """({'visual_encoder.<name>': layer}, number of layers): stem 0, then one per block (blip.backbones)."""
         ids, n = layer_ids(self.visual_encoder)
@@ -207,16 +215,17 @@ class MomentumMixin:
 
     @torch.no_grad()
     def enqueue(self, image_feat, text_feat, idx=None):
-        """Write the (all-rank) momentum features at the pointer; the queue length must divide evenly."""
+        """Write the (all-rank) momentum features at the pointer; the queue length must divide evenly. The pointer
+        stays on the device (columns indexed by a tensor, not sliced by a Python int): no host sync."""
         from ..distributed import all_gather_no_grad
         image_feat, text_feat = all_gather_no_grad(image_feat), all_gather_no_grad(text_feat)
         n, size = image_feat.shape[0], self.image_queue.shape[1]
         if size % n:
             raise ValueError(f"queue_size {size} is not divisible by the global batch size {n}")
         ptr_buf = getattr(self, self._ptr_name)
-        ptr = int(ptr_buf)
-        self.image_queue[:, ptr:ptr + n] = image_feat.T.to(self.image_queue.dtype)
-        self.text_queue[:, ptr:ptr + n] = text_feat.T.to(self.text_queue.dtype)
+        cols = (ptr_buf + torch.arange(n, device=ptr_buf.device)) % size
+        self.image_queue.index_copy_(1, cols, image_feat.T.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, cols, text_feat.T.to(self.text_queue.dtype))
         if idx is not None:
-            self.idx_queue[:, ptr:ptr + n] = all_gather_no_grad(idx).view(1, -1)
-        ptr_buf[0] = (ptr + n) % size
+            self.idx_queue.index_copy_(1, cols, all_gather_no_grad(idx).view(1, -1))
+        ptr_buf.copy_((ptr_buf + n) % size)

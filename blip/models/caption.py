@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from ..batches import CaptionBatch
 from ..generation import Decoding, generate_ids
 from ..med import TextDecoder
-from ..tokenizer import DEC_ID, PAD_ID, decode
+from ..tokenizer import DEC_ID, decode
 from .base import BlipModel
 
 
@@ -17,9 +18,6 @@ class BlipCaption(BlipModel):
         super().__init__(cfg)
         self.text_decoder = TextDecoder(self.text_cfg())
 
-    def forward(self, *args, **kwargs):
-        return self.losses(*args, **kwargs)
-
     def prompt_ids(self, prompt: str, n: int):
         """[DEC] + the prompt's tokens (no [SEP]), for n inputs."""
         ids, _ = self.tokenize([prompt] * n, first_token=DEC_ID)
@@ -28,11 +26,12 @@ class BlipCaption(BlipModel):
     def losses(self, pixel_values, captions, prompt=None):
         """loss_lm on `prompt + caption` (the prompt is added here; its tokens are masked from the loss)."""
         prompt = self.cfg.prompt if prompt is None else prompt
-        image_embeds = self.visual_encoder(pixel_values)
-        ids, mask = self.tokenize([prompt + c for c in captions], max_length=self.max_text_length, first_token=DEC_ID)
-        targets = ids.masked_fill(ids == PAD_ID, -100)
-        targets[:, :self.prompt_ids(prompt, 1).shape[1]] = -100
-        return {"loss_lm": self.text_decoder.loss(ids, targets, mask, image_embeds)}
+        return self.batch_losses(CaptionBatch.of(pixel_values, captions, prompt, self.max_text_length).to(self.device))
+
+    def batch_losses(self, batch: CaptionBatch):
+        image_embeds = self.visual_encoder(batch.images)
+        return {"loss_lm": self.text_decoder.loss(batch.ids, batch.labels, batch.mask, image_embeds,
+                                                  positions=batch.lm_positions)}
 
     @torch.no_grad()
     def generate(self, pixel_values, num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0,

@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as dist
-from ..losses import draw_hard_negatives, itc_loss, itm_pairs, pick_negative_captions
+from ..batches import PairBatch, sample_one
+from ..losses import draw_hard_negatives, itc_loss, itm_pairs
 from ..med import TextDecoder, TextModel, tie_decoder_to_encoder
 from ..tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID
 from .base import BlipModel, MomentumMixin
@@ -39,8 +40,11 @@ class BlipITM(BlipModel):
     def text_features(self, texts, max_length=None):
         """(ids, mask, normalised projected [CLS] feature) of the text-only encoder."""
         ids, mask = self.tokenize(texts, max_length=max_length or self.text_max_length)
-        h = self.text_encoder(ids, mask)
-        return ids, mask, F.normalize(self.text_proj(h[:, 0]), dim=-1)
+        return ids, mask, self.encode_text(ids, mask)
+
+    def encode_text(self, ids, mask):
+        """Normalised projected [CLS] feature of tokenized texts ([CLS] first)."""
+        return F.normalize(self.text_proj(self.text_encoder(ids, mask)[:, 0]), dim=-1)
 
     def itm_logits(self, image_embeds, ids, mask, image_index=None):
         """ITM head over paired rows: ids[i] with image_embeds[i], or with image_embeds[image_index[i]]
@@ -134,8 +138,12 @@ class BlipITM(BlipModel):
 
 
 class _Contrastive(MomentumMixin, BlipITM):
-    """ITC (momentum encoders + queues) and ITM with hard negatives: shared by retrieval and pretraining."""
+    """ITC (momentum encoders + queues) and ITM with hard negatives: shared by retrieval and pretraining.
+
+    `batch_losses(batch: PairBatch, ...)` is the training path (tensors from the task's collate; no host sync);
+    `losses(pixel_values, texts, ...)` is the same computation from strings, for notebooks and the parity tests."""
     itm_first_token = ENC_ID
+    decodes = False  # pretraining also trains the LM decoder
 
     def __init__(self, cfg, ptr_name):
         super().__init__(cfg)
@@ -144,8 +152,10 @@ class _Contrastive(MomentumMixin, BlipITM):
                              ("text_encoder", self.text_encoder), ("text_proj", self.text_proj)],
                             cfg.queue_size, cfg.embed_dim, ptr_name)
 
-    def forward(self, *args, **kwargs):  # DDP calls forward: training = the losses
-        return self.losses(*args, **kwargs)
+    def pair_batch(self, pixel_values, texts, idx=None, negative_captions=None) -> PairBatch:
+        """The batch a training collate would make of these strings (tokenized here, on the host)."""
+        return PairBatch.of(pixel_values, texts, self.text_max_length, idx=idx, negatives=negative_captions,
+                            lm=self.decodes).to(self.device)
 
     @torch.no_grad()
     def momentum_features(self, pixel_values, ids, mask):
@@ -154,24 +164,31 @@ class _Contrastive(MomentumMixin, BlipITM):
         text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
         return image_feat_m, text_feat_m
 
-    def negative_captions(self, neg_texts):
-        """Hard negative captions, one list per caption of the batch (NegCLIP) -> their text-encoder ids, mask,
-        online features, momentum features and owner rows (the caption each was made from); None if there are none."""
-        flat = [t for texts in neg_texts for t in texts]
-        if not flat:
+    def negative_features(self, batch: PairBatch):
+        """NegCLIP's hard captions of the batch: (online features, with gradient so the text encoder learns to tell
+        them apart; momentum features, for the distillation targets); None when the batch has none."""
+        if batch.neg_ids is None:
             return None
-        owner = torch.tensor([i for i, texts in enumerate(neg_texts) for _ in texts], device=self.device)
-        ids, mask, feat = self.text_features(flat)
+        feat = self.encode_text(batch.neg_ids, batch.neg_mask)
         with torch.no_grad():
-            feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
-        return ids, mask, feat, feat_m, owner
+            feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(batch.neg_ids, batch.neg_mask)[:, 0]), dim=-1)
+        return feat, feat_m
 
-    def itm_loss(self, image_embeds, ids, mask, hard_negatives, all_rank, negatives=None, generator=None):
+    def _features(self, batch: PairBatch):
+        """What both objectives read: image tokens and features, text features, their momentum twins."""
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_embeds, image_feat = self.image_features(batch.images)
+        text_feat = self.encode_text(batch.ids, batch.mask)
+        image_feat_m, text_feat_m = self.momentum_features(batch.images, batch.ids, batch.mask)
+        return image_embeds, image_feat, text_feat, image_feat_m, text_feat_m
+
+    def itm_loss(self, image_embeds, batch: PairBatch, hard_negatives, all_rank, generator=None):
         """ITM cross-entropy over b positives and 2b hard negatives: hard_negatives = (image index for each text,
         text index for each image), into the local batch or, with `all_rank`, the batch of every rank.
-        `negatives` (from negative_captions) add one row (a hard negative caption of image i, image i), label 0,
-        for each image that has one."""
-        ids = ids.clone()
+        The batch's hard captions (NegCLIP) add one row (one of image i's own hard captions, image i), label 0, for
+        each image that has one."""
+        ids, mask = batch.ids.clone(), batch.mask
         ids[:, 0] = self.itm_first_token
         neg_images, neg_ids, neg_mask = image_embeds, ids, mask
         if all_rank:  # gathered ids must share one width across ranks
@@ -182,16 +199,17 @@ class _Contrastive(MomentumMixin, BlipITM):
         image_for_text, text_for_image = (torch.as_tensor(h, device=ids.device) for h in hard_negatives)
         images, ids, mask, labels = itm_pairs(image_embeds, ids, mask, image_for_text, text_for_image,
                                               neg_images, neg_ids, neg_mask)
-        if negatives is not None:
-            rows, picked = pick_negative_captions(negatives[4], image_embeds.shape[0], generator=generator)
-            n_ids, n_mask = negatives[0][picked].clone(), negatives[1][picked]
+        if batch.neg_ids is not None:
+            with torch.no_grad():
+                picked = sample_one(batch.neg_weights, generator)  # one of each row's own, uniformly
+            n_ids, n_mask = batch.neg_ids[picked].clone(), batch.neg_mask[picked]
             n_ids[:, 0] = self.itm_first_token
             width = max(ids.shape[1], n_ids.shape[1])
             ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=PAD_ID),
                              F.pad(n_ids, (0, width - n_ids.shape[1]), value=PAD_ID)])
             mask = torch.cat([F.pad(mask, (0, width - mask.shape[1])), F.pad(n_mask, (0, width - n_mask.shape[1]))])
-            images = torch.cat([images, image_embeds[rows]])
-            labels = torch.cat([labels, labels.new_zeros(len(rows))])
+            images = torch.cat([images, image_embeds[batch.neg_rows]])
+            labels = torch.cat([labels, labels.new_zeros(len(batch.neg_rows))])
         return F.cross_entropy(self.itm_logits(images, ids, mask).float(), labels)
 
 
@@ -211,17 +229,17 @@ class BlipRetrieval(_Contrastive):
         `negative_captions` (one list of strings per caption, blip.negatives): NegCLIP's hard negative captions,
         extra image->text ITC negatives and one more ITM negative row per image (off when None: the original).
         """
-        idx = torch.as_tensor(idx, device=self.device).view(-1, 1)
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-        image_embeds, image_feat = self.image_features(pixel_values)
-        ids, mask, text_feat = self.text_features(texts)
-        image_feat_m, text_feat_m = self.momentum_features(pixel_values, ids, mask)
+        return self.batch_losses(self.pair_batch(pixel_values, texts, idx, negative_captions), alpha, hard_negatives,
+                                 update_queue, return_negatives, generator)
+
+    def batch_losses(self, batch: PairBatch, alpha=0.4, hard_negatives=None, update_queue=True,
+                     return_negatives=False, generator=None):
+        idx = batch.idx.view(-1, 1)
+        image_embeds, image_feat, text_feat, image_feat_m, text_feat_m = self._features(batch)
         positives = torch.eq(idx, torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)).float()
-        negs = self.negative_captions(negative_captions) if negative_captions is not None else None
+        negs = self.negative_features(batch)
         loss_ita, _, _ = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                                  self.text_queue, self.temp, alpha, positives,
-                                  *((negs[2], negs[3]) if negs is not None else ()))
+                                  self.text_queue, self.temp, alpha, positives, *(negs or ()))
         if update_queue:
             self.enqueue(image_feat_m, text_feat_m, idx.view(-1))
 
@@ -236,8 +254,7 @@ class BlipRetrieval(_Contrastive):
                 w_i2t = F.softmax(image_feat @ txt_all.t() / self.temp, 1).masked_fill(same, 0)
                 w_t2i = F.softmax(text_feat @ img_all.t() / self.temp, 1).masked_fill(same, 0)
                 hard_negatives = draw_hard_negatives(w_t2i, w_i2t, generator=generator)
-        out = {"loss_ita": loss_ita, "loss_itm": self.itm_loss(image_embeds, ids, mask, hard_negatives, all_rank,
-                                                               negs, generator)}
+        out = {"loss_ita": loss_ita, "loss_itm": self.itm_loss(image_embeds, batch, hard_negatives, all_rank, generator)}
         if return_negatives:
             out["negatives"] = tuple(torch.as_tensor(h) for h in hard_negatives)
         return out
@@ -246,6 +263,7 @@ class BlipRetrieval(_Contrastive):
 class BlipPretrain(_Contrastive):
     task = "pretrain"
     text_max_length = 30
+    decodes = True
     fresh_keys = ("image_queue", "text_queue", "queue_ptr", "temp", "_m.", "itm_head", "vision_proj", "text_proj",
                   "text_decoder.")
 
@@ -258,17 +276,17 @@ class BlipPretrain(_Contrastive):
                return_negatives=False, generator=None, negative_captions=None):
         """loss_ita + loss_itm + loss_lm, as the original pretraining forward (momentum_update() first).
         `negative_captions`: as BlipRetrieval.losses (off when None)."""
-        b = pixel_values.shape[0]
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-        image_embeds, image_feat = self.image_features(pixel_values)
-        ids, mask, text_feat = self.text_features(texts)
-        image_feat_m, text_feat_m = self.momentum_features(pixel_values, ids, mask)
-        positives = torch.eye(b, b + self.image_queue.shape[1], device=self.device)
-        negs = self.negative_captions(negative_captions) if negative_captions is not None else None
+        return self.batch_losses(self.pair_batch(pixel_values, texts, negative_captions=negative_captions), alpha,
+                                 hard_negatives, update_queue, return_negatives, generator)
+
+    def batch_losses(self, batch: PairBatch, alpha=0.4, hard_negatives=None, update_queue=True,
+                     return_negatives=False, generator=None):
+        b = batch.images.shape[0]
+        image_embeds, image_feat, text_feat, image_feat_m, text_feat_m = self._features(batch)
+        positives = torch.eye(b, b + self.image_queue.shape[1], device=image_feat.device)
+        negs = self.negative_features(batch)
         loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                                              self.text_queue, self.temp, alpha, positives,
-                                              *((negs[2], negs[3]) if negs is not None else ()))
+                                              self.text_queue, self.temp, alpha, positives, *(negs or ()))
         if update_queue:
             self.enqueue(image_feat_m, text_feat_m)
 
@@ -276,25 +294,25 @@ class BlipPretrain(_Contrastive):
         all_rank = self.cfg.negative_all_rank and dist.get_world_size() > 1
         if hard_negatives is None:
             with torch.no_grad():
+                rows = torch.arange(b, device=image_feat.device)
                 if all_rank:  # option: the same logits over the whole global batch
                     image_m, text_m = dist.all_gather_no_grad(image_feat_m), dist.all_gather_no_grad(text_feat_m)
                     sim_t2i, sim_i2t = text_feat @ image_m.t() / self.temp, image_feat @ text_m.t() / self.temp
-                    own = torch.arange(b, device=self.device) + dist.get_rank() * b
+                    own = rows + dist.get_rank() * b
                 else:  # the original: the local batch's columns of the logits already computed
                     sim_t2i, sim_i2t = sim_t2i[:, :b], sim_i2t[:, :b]
-                    own = torch.arange(b, device=self.device)
+                    own = rows
                 w_t2i = F.softmax(sim_t2i.float(), dim=1) + 1e-4
                 w_i2t = F.softmax(sim_i2t.float(), dim=1) + 1e-4
-                rows = torch.arange(b, device=self.device)
                 w_t2i[rows, own] = 0
                 w_i2t[rows, own] = 0
                 hard_negatives = draw_hard_negatives(w_t2i, w_i2t, generator=generator)
-        loss_itm = self.itm_loss(image_embeds, ids, mask, hard_negatives, all_rank, negs, generator)
+        loss_itm = self.itm_loss(image_embeds, batch, hard_negatives, all_rank, generator)
 
-        dec_ids = ids.clone()
+        dec_ids = batch.ids.clone()
         dec_ids[:, 0] = DEC_ID
         targets = dec_ids.masked_fill(dec_ids == PAD_ID, -100)
-        loss_lm = self.text_decoder.loss(dec_ids, targets, mask, image_embeds)
+        loss_lm = self.text_decoder.loss(dec_ids, targets, batch.mask, image_embeds, positions=batch.lm_positions)
         out = {"loss_ita": loss_ita, "loss_itm": loss_itm, "loss_lm": loss_lm}
         if return_negatives:
             out["negatives"] = tuple(torch.as_tensor(h) for h in hard_negatives)

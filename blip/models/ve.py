@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..batches import ClassBatch
 from ..med import TextModel
 from ..tokenizer import ENC_ID
 from .base import BlipModel
@@ -27,18 +28,19 @@ class BlipVE(BlipModel):
         h = tcfg.hidden_size
         self.cls_head = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 3))
 
-    def forward(self, *args, **kwargs):
-        return self.losses(*args, **kwargs)
-
-    def logits(self, pixel_values, texts):
-        """[n, 3] logits: contradiction, neutral, entailment."""
-        ids, mask = self.tokenize(texts, max_length=self.text_max_length, first_token=ENC_ID)
+    def logits(self, pixel_values, texts, ids=None, mask=None):
+        """[n, 3] logits: contradiction, neutral, entailment (of `texts`, or of their tokens `ids`, `mask`)."""
+        if ids is None:
+            ids, mask = self.tokenize(texts, max_length=self.text_max_length, first_token=ENC_ID)
         h = self.text_encoder(ids, mask, self.visual_encoder(pixel_values))
         return self.cls_head(h[:, 0])
 
     def losses(self, pixel_values, texts, targets):
-        targets = torch.as_tensor(targets, device=self.device)
-        return {"loss_ve": F.cross_entropy(self.logits(pixel_values, texts).float(), targets)}
+        return self.batch_losses(ClassBatch.of(pixel_values, texts, targets, self.text_max_length).to(self.device))
+
+    def batch_losses(self, batch: ClassBatch):
+        logits = self.logits(batch.images, None, batch.ids, batch.mask)
+        return {"loss_ve": F.cross_entropy(logits.float(), batch.targets)}
 
     @torch.no_grad()
     def predict(self, pixel_values, texts):

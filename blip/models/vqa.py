@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batches import VQABatch
 from ..generation import Decoding, generate_ids
 from ..med import TextDecoder, TextModel
 from ..tokenizer import DEC_ID, ENC_ID, PAD_ID, decode
@@ -12,6 +13,8 @@ from .base import BlipModel
 class BlipVQA(BlipModel):
     task = "vqa"
     question_max_length = 35
+    answer_max_length = None  # answers are not truncated (the original); a static-shape (compiled) run pads them to
+    answer_static_length = 10  # this many tokens ([DEC] and [SEP] included), VQA v2's answers fit
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -20,23 +23,22 @@ class BlipVQA(BlipModel):
         tcfg = self.cfg.text()
         self.text_decoder = TextDecoder(self.cfg.text(encoder_width=tcfg.hidden_size))
 
-    def forward(self, *args, **kwargs):
-        return self.losses(*args, **kwargs)
-
     def encode_questions(self, pixel_values, questions):
         ids, mask = self.tokenize(questions, max_length=self.question_max_length, first_token=ENC_ID)
         return self.text_encoder(ids, mask, self.visual_encoder(pixel_values)), mask
 
     def losses(self, pixel_values, questions, answers, n, weights):
         """Σ weight · (summed, label-smoothed) answer loss / batch size; `n[b]` answers belong to question b."""
-        states, q_mask = self.encode_questions(pixel_values, questions)
-        repeat = torch.as_tensor(n, device=self.device)
-        states, q_mask = states.repeat_interleave(repeat, 0), q_mask.repeat_interleave(repeat, 0)
-        ids, mask = self.tokenize(answers, first_token=DEC_ID)
-        targets = ids.masked_fill(ids == PAD_ID, -100)
-        seq_loss = self.text_decoder.loss(ids, targets, mask, states, q_mask, reduction="none")
-        weights = torch.as_tensor(weights, dtype=seq_loss.dtype, device=self.device)
-        return {"loss_vqa": (weights * seq_loss).sum() / pixel_values.shape[0]}
+        batch = VQABatch.of(pixel_values, questions, answers, n, weights, self.question_max_length,
+                            self.answer_max_length)
+        return self.batch_losses(batch.to(self.device))
+
+    def batch_losses(self, batch: VQABatch):
+        states = self.text_encoder(batch.q_ids, batch.q_mask, self.visual_encoder(batch.images))
+        states, q_mask = states[batch.a_question], batch.q_mask[batch.a_question]  # each answer reads its question
+        seq_loss = self.text_decoder.loss(batch.a_ids, batch.a_labels, batch.a_mask, states, q_mask,
+                                          reduction="none", positions=batch.lm_positions)
+        return {"loss_vqa": (batch.weights.to(seq_loss.dtype) * seq_loss).sum() / batch.images.shape[0]}
 
     @torch.no_grad()
     def answer(self, pixel_values, questions, method="generate", answer_list=None, k=128, num_beams=3,

@@ -18,7 +18,7 @@ class Task:
     names: tuple[str, ...] = ()   # the config `task` values this task runs (a config without one runs any)
     model_task = ""               # blip.load_model's task
     schedule = "cosine"           # blip.schedules name; a config's `schedule:` overrides it
-    collate_fn = None             # the DataLoader's collate (None: torch's default)
+    collate_fn = None             # a fixed DataLoader collate for a task without `collate` (None: torch's default)
     eval_every_epoch = True       # False: evaluate after the last epoch only
     crop_scale = (0.5, 1.0)       # RandomResizedCrop scale unless the config sets crop_scale
     ann_files: dict[str, str] = {}  # dataset name -> annotation file pattern under ann_root ('{}' = the split)
@@ -61,6 +61,16 @@ class Task:
 
     def train_data(self, model):
         raise NotImplementedError
+
+    def collate(self, model):
+        """The DataLoader's collate: samples -> the batch `losses` takes, made in the data workers (the library's
+        tasks: a typed batch of tensors, blip.batches; `static` when compiled: every text padded to its maximum)."""
+        return self.collate_fn
+
+    @property
+    def static(self) -> bool:
+        """Batches of fixed shapes (texts padded to the model's maximum length): for `compile`."""
+        return bool(self.cfg.compile)
 
     def image_neighbours(self, model, dataset, out_dir, resume_dir=None):
         """NegCLIP's nearest-neighbour images of the training set (`hard_negatives.images`), or None when off."""

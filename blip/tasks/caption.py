@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..batches import CaptionCollate
 from ..datasets import CaptionEvalDataset, CaptionTrainDataset
 from ..evaluation import evaluate_caption
 from .base import Task
@@ -33,9 +34,11 @@ class CaptionTask(Task):
         return CaptionTrainDataset(self.ann_file(self.dataset, "train"), cfg.image_root, self.train_transform(model),
                                    max_words=cfg.max_words)
 
+    def collate(self, model):
+        return CaptionCollate(model.cfg.prompt, model.max_text_length, static=self.static)
+
     def losses(self, forward, batch, progress):
-        images, captions = batch[0], batch[1]
-        return forward(images, captions)
+        return forward(batch)
 
     def evaluations(self, model, out_dir):
         cfg, out = self.cfg, {}

@@ -2,6 +2,7 @@
 dev epoch kept."""
 from __future__ import annotations
 
+from ..batches import ClassCollate
 from ..datasets import NLVRDataset
 from ..evaluation import evaluate_nlvr
 from .base import Task
@@ -15,9 +16,11 @@ class NLVRTask(Task):
     def train_data(self, model):
         return NLVRDataset(self.ann_file("nlvr", "train"), self.cfg.image_root, self.train_transform(model), train=True)
 
+    def collate(self, model):
+        return ClassCollate(model.text_static_length if self.static else model.text_max_length, static=self.static)
+
     def losses(self, forward, batch, progress):
-        image0, image1, sentences, labels = batch
-        return forward(image0, image1, sentences, labels)
+        return forward(batch)
 
     def evaluations(self, model, out_dir):
         cfg, out = self.cfg, {}

@@ -6,7 +6,8 @@ import os
 
 from ..datasets import PretrainDataset, RetrievalEvalDataset, WebDatasetShards
 from ..evaluation import evaluate_retrieval
-from ..negatives import training_negatives
+from ..batches import PairCollate
+from ..negatives import caption_sampler
 from .base import Task
 
 
@@ -28,12 +29,13 @@ class PretrainTask(Task):
     def begin_step(self, model, progress):
         model.momentum_update()
 
+    def collate(self, model):
+        return PairCollate(model.text_max_length, negatives=caption_sampler(self.cfg.hard_negatives), lm=True,
+                           static=self.static)
+
     def losses(self, forward, batch, progress):
-        images, captions = batch
         # the original: alpha · min(1, (epoch · n + i) / (2n)), a ramp over the first two epochs
-        alpha = self.cfg.alpha * min(1.0, progress.epochs_done / 2)
-        return forward(images, captions, alpha=alpha,
-                       **training_negatives(self.cfg, captions, progress.epoch, progress.step))
+        return forward(batch, alpha=self.cfg.alpha * min(1.0, progress.epochs_done / 2))
 
     def evaluations(self, model, out_dir):
         if not self.cfg.shapes:

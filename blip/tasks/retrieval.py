@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..datasets import RetrievalEvalDataset, RetrievalTrainDataset
 from ..evaluation import evaluate_retrieval
-from ..negatives import training_negatives
+from ..batches import PairCollate
+from ..negatives import caption_sampler
 from .base import Task
 
 
@@ -22,12 +23,13 @@ class RetrievalTask(Task):
     def begin_step(self, model, progress):
         model.momentum_update()
 
+    def collate(self, model):
+        return PairCollate(model.text_max_length, negatives=caption_sampler(self.cfg.hard_negatives),
+                           static=self.static)
+
     def losses(self, forward, batch, progress):
-        images, captions, idx = batch
         # the original: alpha ramps over the first epoch
-        alpha = self.cfg.alpha * min(1.0, progress.epochs_done)
-        return forward(images, captions, idx=idx, alpha=alpha,
-                       **training_negatives(self.cfg, captions, progress.epoch, progress.step))
+        return forward(batch, alpha=self.cfg.alpha * min(1.0, progress.epochs_done))
 
     def evaluations(self, model, out_dir):
         cfg, out = self.cfg, {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batches import ClassCollate
 from ..datasets import VEDataset
 from ..evaluation import eval_mode, gather, rank_loader
 from ..metrics.nlvr import accuracy
@@ -37,9 +38,11 @@ class VETask(Task):
         return VEDataset(self.ann_file("ve", "train"), self.cfg.image_root, self.train_transform(model), train=True,
                          max_words=self.cfg.max_words)
 
+    def collate(self, model):
+        return ClassCollate(model.text_max_length, static=self.static)
+
     def losses(self, forward, batch, progress):
-        images, sentences, labels = batch
-        return forward(images, list(sentences), labels)
+        return forward(batch)
 
     def evaluations(self, model, out_dir):
         cfg, out = self.cfg, {}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 
-from ..datasets import VQADataset, vqa_collate
+from ..batches import VQACollate
+from ..datasets import VQADataset
 from ..evaluation import evaluate_vqa
 from .base import Task
 
@@ -14,7 +15,6 @@ from .base import Task
 class VQATask(Task):
     names = ("vqa",)
     model_task = "vqa"
-    collate_fn = staticmethod(vqa_collate)
     eval_every_epoch = False  # as the original: no model selection on the test split, evaluated once
     ann_files = {"vqa": "vqa_{}.json"}
 
@@ -27,9 +27,12 @@ class VQATask(Task):
         files = [os.path.join(cfg.ann_root, f"{name}.json") for name in cfg.train_files]
         return VQADataset(files, self.roots, self.train_transform(model), split="train")
 
+    def collate(self, model):
+        answers = model.answer_static_length if self.static else model.answer_max_length
+        return VQACollate(model.question_max_length, answers, static=self.static)
+
     def losses(self, forward, batch, progress):
-        images, questions, answers, weights, counts = batch
-        return forward(images, questions, answers=answers, n=counts, weights=weights)
+        return forward(batch)
 
     def evaluations(self, model, out_dir):
         cfg = self.cfg
