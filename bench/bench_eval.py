@@ -6,7 +6,7 @@ the image embeddings repeated k times, one text-encoder call over k texts padded
 start from the same features; the rankings must agree. Then caption-eval throughput (beam 3, max 20, min 5).
 
     python bench/bench_eval.py                                            # CPU: 20 images x 100 texts, k 16
-    python bench/bench_eval.py --device cuda --images 1000 --texts 5000 --k 256
+    python bench/bench_eval.py --device cuda --images 1000 --texts 5000 --k 256 --precisions bf16,tf32
 """
 from __future__ import annotations
 
@@ -71,8 +71,6 @@ def same_ranking(a, b, k):
     return (a.topk(k, dim=1).indices == b.topk(k, dim=1).indices).all(1).float().mean().item()
 
 
-
-
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
@@ -83,6 +81,8 @@ def main(argv=None):
     p.add_argument("--rerank-batch", type=int, default=128, help="pairs per ITM call (ours)")
     p.add_argument("--caption-images", type=int, default=8)
     p.add_argument("--caption-batch", type=int, default=8)
+    p.add_argument("--precisions", default="bf16", help="re-rank also in these precisions (comma-separated: bf16, "
+                                                        "tf32; '' for none), compared with ours in fp32")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.manual_seed(0)
@@ -95,9 +95,17 @@ def main(argv=None):
         image_embeds=embeds, image_feat=feat, text_ids=ids, text_mask=mask, text_feat=tfeat, k_test=k,
         batch_size=a.rerank_batch), device)
     same = min(same_ranking(i2t, o_i2t, k), same_ranking(t2i, o_t2i, k))
-    recall_equal = retrieval_recall(i2t, t2i, gallery.txt2img, gallery.img2txt) == retrieval_recall(
-        o_i2t, o_t2i, gallery.txt2img, gallery.img2txt)
+    recall = retrieval_recall(i2t, t2i, gallery.txt2img, gallery.img2txt)
+    recall_equal = recall == retrieval_recall(o_i2t, o_t2i, gallery.txt2img, gallery.img2txt)
     diff = max((i2t - o_i2t).abs().max().item(), (t2i - o_t2i).abs().max().item())
+    lower = {}  # the re-rank in a lower precision (rerank_precision), against ours in fp32
+    for precision in a.precisions.split(",") if a.precisions else []:
+        t, (l_i2t, l_t2i) = timed(lambda: model.retrieval_scores(
+            image_embeds=embeds, image_feat=feat, text_ids=ids, text_mask=mask, text_feat=tfeat, k_test=k,
+            batch_size=a.rerank_batch, precision=precision), device)
+        r = retrieval_recall(l_i2t, l_t2i, gallery.txt2img, gallery.img2txt)
+        lower[precision] = (t, min(same_ranking(l_i2t, i2t, k), same_ranking(l_t2i, t2i, k)),
+                            max(abs(r[m] - recall[m]) for m in recall))
     del model
 
     cap = blip.load_model("caption", vit="base", image_size=a.image_size).to(device)
@@ -118,6 +126,9 @@ def main(argv=None):
     print(f"| original loop (one query per call) | {t_orig:.2f} | {pairs / t_orig:.0f} | 1.00x |")
     print(f"| ours ({a.rerank_batch} pairs per call, K/V once per image, trimmed padding) | {t_ours:.2f} | {pairs / t_ours:.0f} | "
           f"{t_orig / t_ours:.2f}x |")
+    for precision, (t, agree, drift) in lower.items():
+        print(f"| ours, ITM in {precision} (same top-{k} order as ours fp32: {100 * agree:.1f}% of rows; recall within "
+              f"{drift:.2f}) | {t:.2f} | {pairs / t:.0f} | {t_orig / t:.2f}x |")
     print(f"\nsame top-{k} rankings: {100 * same:.1f}% of rows; recall identical: {recall_equal}; "
           f"max |score difference| {diff:.2e}\n")
     print("| caption eval (beam 3, max 20, min 5) | images | batch | s | images/s |")

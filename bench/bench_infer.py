@@ -1,9 +1,11 @@
 """Inference at BLIP-base size, ratios measured in one run on the same random weights (interleaved repeats,
 medians), outputs compared:
 
-1. captioning, beam 3, max 20, min 5, batch 8 @384: ours (fp32, and --bf16 autocast) vs transformers'
-   `BlipForConditionalGeneration.generate` (fp32) on the same weights (`blip.to_transformers`);
-2. `blip.inference.caption` over a folder of JPEGs (decoded in 2 DataLoader workers) vs the model-only time;
+1. captioning, beam 3, max 20, min 5, batch 8 @384: ours (fp32; with --bf16 also bf16 autocast and bf16 weights)
+   vs transformers' `BlipForConditionalGeneration.generate` on the same weights (`blip.to_transformers`), fp32 and
+   (--bf16) bf16 weights, each of ours against the anchor of its precision; on CUDA also our eager (dynamic) rows
+   against the default captured static-shape decoder;
+2. `blip.inference.caption` over a folder of JPEGs (decoded in --workers DataLoader workers) vs the model-only time;
 3. ITM matrix, 8 images × 16 texts @384: `blip.inference.itm` (ViT once per image, each image's cross-attention
    K/V once) vs the original code's way (ViT once per image, image embeddings repeated per pair, one
    text-encoder call over all pairs).
@@ -36,7 +38,6 @@ from blip.tokenizer import DEC_ID, pre_caption  # noqa: E402
 
 
 
-
 def med(xs):
     return statistics.median(xs)
 
@@ -56,7 +57,12 @@ def bench_caption(a, device):
     kw = dict(num_beams=3, max_length=20, min_length=5)
     runs = {"transformers fp32": lambda: hf.generate(pixel_values=x, input_ids=prompt, **kw).tolist(),
             "ours fp32": lambda: ours.generate(x, return_ids=True, **kw)}
+    if device.type == "cuda":  # the default there is the captured static-shape decoder; the eager one for contrast
+        runs["ours fp32 eager rows"] = lambda: ours.generate(x, return_ids=True, static=False, **kw)
     if a.bf16:
+        hf_b = copy.deepcopy(hf).to(torch.bfloat16)  # the fair anchor for bfloat16 weights
+        runs["transformers bf16 weights"] = lambda: hf_b.generate(pixel_values=x.to(torch.bfloat16),
+                                                                  input_ids=prompt, **kw).tolist()
         def ours_bf16():
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return ours.generate(x, return_ids=True, **kw)
@@ -73,15 +79,17 @@ def bench_caption(a, device):
                 print(f"  {name}: {t:.2f} s", flush=True)
         with torch.autocast(device.type, enabled=False):
             vit_t = med([timed(lambda: ours.visual_encoder(x), device)[0] for _ in range(max(1, a.repeats - 1))])
-    base = med(times["transformers fp32"])
     print(f"\ncaptioning, batch {a.batch} @{a.image_size}, beam 3, max 20 ({device.type}; medians of {a.repeats}):")
     for name in runs:
-        print(f"  {name:22s} {med(times[name]):7.2f} s   {base / med(times[name]):5.2f}x transformers")
+        anchor = "transformers bf16 weights" if "bf16" in name and "transformers bf16 weights" in runs \
+            else "transformers fp32"
+        t = med(times[name])
+        print(f"  {name:26s} {t:7.3f} s {a.batch / t:8.1f} img/s  {med(times[anchor]) / t:5.2f}x {anchor}")
     print(f"  ours fp32: ViT {vit_t:.2f} s, decoder {med(times['ours fp32']) - vit_t:.2f} s")
     theirs = [_upto_sep(s) for s in outs["transformers fp32"]]
     same = sum(_upto_sep(s) == t for s, t in zip(outs["ours fp32"], theirs))
     print(f"  identical captions (ours fp32 vs transformers): {same} of {a.batch}")
-    for name in ("ours bf16 autocast", "ours bf16 weights"):
+    for name in ("ours fp32 eager rows", "ours bf16 autocast", "ours bf16 weights"):
         if name in outs:
             same = sum(s == t for s, t in zip(outs[name], outs["ours fp32"]))
             print(f"  identical captions ({name} vs ours fp32): {same} of {a.batch} (random weights: near-ties)")
@@ -105,12 +113,14 @@ def bench_folder(a, device, ours, model_only):
         e2e, model = [], []
         with torch.inference_mode():
             for _ in range(a.repeats):
-                t, rows = timed(lambda: list(inference.caption(ours, d, batch_size=a.batch, workers=2, **kw)), device)
+                t, rows = timed(lambda: list(inference.caption(ours, d, batch_size=a.batch, workers=a.workers, **kw)),
+                                device)
                 e2e.append(t)
                 model.append(sum(timed(lambda: ours.generate(x, **kw), device)[0] for _ in range(a.folder_batches)))
         assert len(rows) == a.batch * a.folder_batches
-    print(f"\n`blip caption FOLDER` ({a.batch * a.folder_batches} JPEGs 640x480, 2 workers): {med(e2e):.2f} s against "
-          f"model-only {med(model):.2f} s ({100 * (med(e2e) / med(model) - 1):+.1f}%)")
+    n = a.batch * a.folder_batches
+    print(f"\n`blip caption FOLDER` ({n} JPEGs 640x480, {a.workers} workers): {med(e2e):.2f} s = {n / med(e2e):.1f} img/s "
+          f"against model-only {med(model):.2f} s = {n / med(model):.1f} img/s ({100 * (med(e2e) / med(model) - 1):+.1f}%)")
 
 
 def bench_itm(a, device):
@@ -163,6 +173,7 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=384)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--folder-batches", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="the folder benchmark's decoding workers")
     p.add_argument("--only", choices=["caption", "itm", "folder"], help="one benchmark only")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)

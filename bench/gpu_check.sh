@@ -26,11 +26,11 @@ fi
 PY=${PY:-python3}
 if [ -n "${GPU_QUICK:-}" ]; then
   D=cpu; TB=2; TB2=4; STEPS=2; EVAL="--images 6 --texts 12 --k 4 --image-size 64 --caption-images 2 --caption-batch 2"
-  CAP="--batch 2 --image-size 64 --batches 1"; INFER="--batch 2 --image-size 64 --repeats 1 --folder-batches 1"
+  CAP="--batch 2 --image-size 64 --batches 1"; INFER="--batch 2 --image-size 64 --repeats 1 --folder-batches 1 --bf16"
   NCCL=gloo; JOBS=${JOBS:-2}; SCALE=4   # two CPU cores: every limit x4
 else
-  D=cuda; TB=64; TB2=128; STEPS=10; EVAL="--images 300 --texts 1500 --k 64 --rerank-batch 512 --caption-images 64 --caption-batch 64"
-  CAP="--batch 64 --batches 3 --precision bf16"; INFER="--batch 64 --repeats 3 --folder-batches 8 --bf16"
+  D=cuda; TB=64; TB2=128; STEPS=10; EVAL="--images 300 --texts 1500 --k 64 --rerank-batch 512 --caption-images 64 --caption-batch 64 --precisions bf16,tf32"
+  CAP="--batch 64 --batches 3 --precision bf16"; INFER="--batch 64 --repeats 3 --folder-batches 32 --workers 12 --bf16"
   NCCL=nccl; JOBS=${JOBS:-12}; SCALE=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$LOG" 2>&1
 fi
@@ -42,9 +42,13 @@ bg() {  # bg NAME SECONDS CMD...: `step` in the background, at most $JOBS at a t
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 0.2; done
   step "$@" &
 }
+T0=$(date +%s); BUDGET=${BUDGET:-$(( 470 * SCALE ))}   # seconds: a step that would start later is skipped, named
 step() {  # step NAME SECONDS CMD...: run with a time limit; its output to logs/NAME.log; one summary row
   local name=$1 limit=$(( $2 * SCALE )); shift 2
   local start=$(date +%s%N) rc status note
+  if [ $(( $(date +%s) - T0 )) -gt "$BUDGET" ]; then
+    printf "%s\t%s\t%s\t%s\t%s\n" "$start" "$name" "SKIPPED" 0 "over the ${BUDGET}s budget: rerun with SKIP_PATHS=1" \
+      >> "$OUT/summary.tsv"; return; fi
   timeout "$limit" "$@" > "$OUT/logs/$name.log" 2>&1; rc=$?
   local secs=$(( ($(date +%s%N) - start) / 1000000000 ))
   if [ $rc -eq 0 ]; then status=ok; note=""
@@ -108,18 +112,19 @@ fi
 # ---- phase B: the benchmarks, one at a time -----------------------------------------------------------------------
 if [ -z "${SKIP_BENCH:-}" ]; then
   SYNC=$([ $D = cuda ] && echo --sync-debug)   # the timed steps under set_sync_debug_mode("error"): no host sync
+  # in the order of what matters most, should the budget run out
   step bench_train_bf16_b$TB 120 $PY bench/bench_train.py --device $D --precision bf16 --batch $TB --steps $STEPS $SYNC
   step bench_train_bf16_b$TB2 120 $PY bench/bench_train.py --device $D --precision bf16 --batch $TB2 --steps $STEPS
+  step bench_infer 200 $PY bench/bench_infer.py --device $D $INFER
+  step bench_eval 200 $PY bench/bench_eval.py --device $D $EVAL
   step bench_train_bf16_compiled_b$TB2 240 $PY bench/bench_train.py --device $D --precision bf16 --batch $TB2 --steps $STEPS --compile
   step bench_train_bf16_vitL_b$TB 120 $PY bench/bench_train.py --device $D --precision bf16 --batch $TB --steps $STEPS --vit large
+  step bench_capfilt 120 $PY bench/bench_capfilt.py --device $D $CAP
   if [ -n "${CEILING:-}" ]; then   # the largest batch that fits, BLIP-base and ViT-L at 224 and 384 (a call of its own)
     for V in base large; do for S in 224 384; do
       step bench_ceiling_${V}_$S 300 $PY bench/bench_train.py --device $D --precision bf16 --vit $V --image-size $S --batch 64 --steps 3 --ceiling
     done; done
   fi
-  step bench_infer 200 $PY bench/bench_infer.py --device $D $INFER
-  step bench_eval 200 $PY bench/bench_eval.py --device $D $EVAL
-  step bench_capfilt 120 $PY bench/bench_capfilt.py --device $D $CAP
 fi
 
 # ---- the summary: every path, then each benchmark's figures -------------------------------------------------------

@@ -291,7 +291,8 @@ def _run(args, device, precision, dist, inf, pre_caption, pre_question) -> int:
         raise ValueError(f"no images in {args.images}")
     if args.output:
         summary = inf.stream_to_file(rows_of, items, args.output, fields, text_field=text_field, clean=clean,
-                                     progress=not args.no_progress, extra_summary=extra)
+                                     progress=not args.no_progress, extra_summary=extra,
+                                     settings={"precision": precision, "device": device.type})
         inf.print_summary(summary)
         if summary is not None and summary["done_now"] == 0 and summary["already_done"] == 0 and summary["unreadable"]:
             return 2

@@ -20,6 +20,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from .models.base import PRESETS, ModelConfig
+from .precision import PRECISIONS
 from .schedules import SCHEDULES
 
 
@@ -70,7 +71,7 @@ class Config:
     loss_weights: dict | None = None    # e.g. {loss_lm: 0.1}; None: every loss weighs 1, as the original
     grad_accum_steps: int = 1
     grad_clip: float | None = None      # max grad norm; None: no clipping (as the original)
-    precision: str = "fp32"             # 'fp32' | 'bf16' | 'fp16'
+    precision: str = "fp32"             # 'fp32' | 'bf16' | 'fp16' | 'tf32' (blip.precision)
     compile: bool = False               # torch.compile the training forward + backward (static-shape batches)
     schedule: str | None = None         # 'cosine' | 'step' (warmup + step decay); None: the task's default
     deterministic: bool = False         # bit-identical runs and resumes (see blip.determinism), at a cost
@@ -81,6 +82,7 @@ class Config:
     hard_negatives: dict | None = None  # NegCLIP: {captions: 3, images: 3} in retrieval/pretraining (blip.negatives)
     # --- evaluation / generation ---------------------------------------------------------------
     k_test: int = 256
+    rerank_precision: str = "fp32"      # retrieval evaluation's ITM re-rank: 'fp32' (the original) | 'bf16' | 'tf32'
     max_length: int = 20
     min_length: int = 5
     num_beams: int = 3
@@ -118,7 +120,7 @@ class Config:
 
 
 # `task` is checked by the task that runs the config (blip.tasks.Task): a new task needs no edit here.
-_CHOICES = {"vit": ("base", "large"), "precision": ("fp32", "bf16", "fp16"),
+_CHOICES = {"vit": ("base", "large"), "precision": PRECISIONS, "rerank_precision": PRECISIONS,
             "inference": ("rank", "generate"), "filter_task": ("retrieval", "itm"),
             "schedule": (None, *SCHEDULES), "preset": tuple(PRESETS)}
 _yaml = YAML(typ="safe")

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 from . import distributed as dist
 from .batches import Batch
 from .checkpoint import atomic_write, save_weights
+from .precision import autocast  # noqa: F401  (the engine's precision switch; also imported from here)
 from .schedules import SCHEDULES
 
 log = logging.getLogger(__name__)
@@ -267,13 +268,6 @@ def build_optimizer(model, cfg):
     # one fused kernel over all parameters (CPU too: ~10x faster than the per-tensor loop on small models)
     fused = next(model.parameters()).device.type in ("cuda", "cpu")
     return torch.optim.AdamW(list(groups.values()), lr=cfg.init_lr, weight_decay=cfg.weight_decay, fused=fused or None)
-
-
-def autocast(device, precision):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,13 @@ def retrieval_features(model, dataset, batch_size=64, num_workers=0, device=None
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset, k_test=256, batch_size=64, num_workers=0, rerank_batch=128):
+def evaluate_retrieval(model, dataset, k_test=256, batch_size=64, num_workers=0, rerank_batch=128,
+                       rerank_precision="fp32"):
     """The original protocol (ITC top-k, ITM re-rank, recall@1/5/10). Queries are split across ranks and
-    the score rows gathered, so N ranks give the same numbers as one."""
+    the score rows gathered, so N ranks give the same numbers as one. `rerank_precision`: the ITM passes'
+    (blip.precision; the config's `rerank_precision`), named in the log."""
+    if rerank_precision != "fp32" and dist.is_main():
+        log.info("retrieval evaluation: ITM re-rank in %s", rerank_precision)
     was_training = model.training
     model.eval()
     image_embeds, image_feat, ids, mask, text_feat = retrieval_features(model, dataset, batch_size, num_workers)
@@ -56,7 +60,7 @@ def evaluate_retrieval(model, dataset, k_test=256, batch_size=64, num_workers=0,
         step = -(-n // world)
         lo, hi = min(n, rank * step), min(n, (rank + 1) * step)
         part = model.rerank(s[lo:hi], k_test, image_embeds, ids, mask, queries_are_images, batch_size=rerank_batch,
-                            query_offset=lo, progress=dist.is_main())
+                            query_offset=lo, progress=dist.is_main(), precision=rerank_precision)
         if world > 1:
             part = torch.cat([p.to(s.device) for p in dist.all_gather_object(part.cpu())])
         return part

@@ -7,11 +7,15 @@ are projected once per image and read by all its beams (see `MultiHeadAttention`
 """
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .batches import sample_one
 from .med import TextDecoder
 from .tokenizer import PAD_ID, SEP_ID
 
@@ -84,6 +88,8 @@ class Decoding:
     top_k: int = 50
     eos_id: int = SEP_ID
     pad_id: int = PAD_ID
+    static: bool | None = None  # rows of fixed layout over a preallocated cache, the step captured as a CUDA graph
+    #                             on a GPU (StaticRows); None: on CUDA. The same tokens either way.
 
 
 @torch.no_grad()
@@ -100,9 +106,12 @@ def generate_ids(decoder: TextDecoder, encoder_states, prompt_ids, how: Decoding
                                                    or len(prompt_ids) % len(encoder_states)):
         raise ValueError(f"{len(prompt_ids)} prompts for {len(encoder_states)} encoder rows: beam search takes one "
                          f"prompt per row, greedy and sampling a whole multiple")
-    if how.sample or how.num_beams == 1:
-        return _one_path(decoder, cross_kv, encoder_mask, prompt_ids, how, generator)
-    return _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, how)
+    one_path = how.sample or how.num_beams == 1
+    static = (encoder_states.device.type == "cuda" if how.static is None else how.static) and encoder_mask is None
+    rows = (StaticRows if static else DynamicRows)(decoder, cross_kv, encoder_mask, how.max_length,
+                                                    beams=1 if one_path else how.num_beams)
+    with StaticRows.lock if static else nullcontext():
+        return _one_path(rows, prompt_ids, how, generator) if one_path else _beam_search(rows, prompt_ids, how)
 
 
 def _step(decoder, new_ids, cross_kv, encoder_mask, past):
@@ -113,43 +122,166 @@ def _step(decoder, new_ids, cross_kv, encoder_mask, past):
     return decoder.cls.predictions(hidden[:, -1]).float(), past
 
 
-def _one_path(decoder, cross_kv, encoder_mask, ids, how: Decoding, generator):
+class DynamicRows:
+    """Decoding rows over a cache grown by concatenation (the CPU's path): a finished input's rows can leave."""
+
+    def __init__(self, decoder, cross_kv, encoder_mask, max_length, beams=1):
+        self.decoder, self.cross_kv, self.encoder_mask, self.beams = decoder, cross_kv, encoder_mask, beams
+        self.past = None
+
+    def prefill(self, prompt_ids):
+        """Logits after the prompt (one row per prompt; beam search: run once per input, copied per beam)."""
+        logits, self.past = _step(self.decoder, prompt_ids, self.cross_kv, self.encoder_mask, None)
+        if self.beams > 1:
+            logits = logits.repeat_interleave(self.beams, dim=0)
+            self.past = [(k.repeat_interleave(self.beams, 0), v.repeat_interleave(self.beams, 0)) for k, v in self.past]
+        return logits
+
+    def step(self, tokens, src=None):
+        """Logits after one more token per row; rows first reordered by `src` (beam search)."""
+        if src is not None:
+            self.past = [(k.index_select(0, src), v.index_select(0, src)) for k, v in self.past]
+        logits, self.past = _step(self.decoder, tokens[:, None], self.cross_kv, self.encoder_mask, self.past)
+        return logits
+
+    def keep(self, slots):
+        """Only these inputs go on (their rows are picked by the next step's `src`)."""
+        self.cross_kv = [(k[slots], v[slots]) for k, v in self.cross_kv]
+        self.encoder_mask = None if self.encoder_mask is None else self.encoder_mask[slots]
+
+
+class StaticRows:
+    """Decoding rows in a fixed layout over every layer's self-attention K/V preallocated to max_length; a step
+    reorders the rows (beam search), embeds one new token per row at position `pos` (a device tensor) and attends
+    over the whole cache, the positions after `pos` masked: its shapes never change. On CUDA the step is captured
+    once per shape as a CUDA graph (its inputs copied into fixed buffers, kept with the graph for the next call of
+    the same shape) and replayed: one launch per token instead of a few hundred kernels from Python. Elsewhere it
+    runs eagerly (the tests compare its tokens with DynamicRows')."""
+
+    _captured = weakref.WeakKeyDictionary()  # decoder -> {shape key: (graph, buffers)}
+    lock = threading.Lock()  # captured buffers are shared by calls of one shape: one decode at a time
+
+    def __init__(self, decoder, cross_kv, encoder_mask, max_length, beams=1):
+        self.decoder, self.cross_kv, self.max_length, self.beams = decoder, cross_kv, max_length, beams
+        self.graph = self.buffers = None
+
+    def prefill(self, prompt_ids):
+        logits, past = _step(self.decoder, prompt_ids, self.cross_kv, None, None)  # the prompt's own length
+        k0, kx = past[0][0], self.cross_kv[0][0]
+        rows, cuda = len(prompt_ids) * self.beams, k0.device.type == "cuda"
+        key = (rows, self.max_length, self.beams, k0.shape[1], k0.shape[3], tuple(kx.shape), k0.dtype, kx.dtype,
+               k0.device, torch.is_autocast_enabled(k0.device.type))
+        known = StaticRows._captured.setdefault(self.decoder, {}) if cuda else {}
+        self.graph, self.buffers = known.get(key) or (None, self._allocate(rows, len(past), k0))
+        b = self.buffers
+        for (k, v), (kc, vc) in zip(past, b["cache"]):
+            kc[:, :, :k.shape[2]].copy_(k.repeat_interleave(self.beams, 0))
+            vc[:, :, :v.shape[2]].copy_(v.repeat_interleave(self.beams, 0))
+        for (k, v), (kb, vb) in zip(self.cross_kv, b["cross"]):
+            kb.copy_(k)
+            vb.copy_(v)
+        b["pos"].fill_(k0.shape[2])
+        self.key, self.known = key, known
+        return logits.repeat_interleave(self.beams, dim=0) if self.beams > 1 else logits
+
+    def _allocate(self, rows, layers, k0):
+        zeros = lambda: torch.zeros(rows, k0.shape[1], self.max_length, k0.shape[3], dtype=k0.dtype,  # noqa: E731
+                                    device=k0.device)
+        return {"cache": [(zeros(), zeros()) for _ in range(layers)],
+                "cross": [(torch.empty_like(k), torch.empty_like(v)) for k, v in self.cross_kv],
+                "tokens": torch.zeros(rows, 1, dtype=torch.long, device=k0.device),
+                "src": torch.arange(rows, device=k0.device),
+                "pos": torch.zeros((), dtype=torch.long, device=k0.device), "logits": None}
+
+    def _run(self):
+        """The step itself: reorder, one token at `pos`, the next logits. What the CUDA graph records."""
+        b = self.buffers
+        if self.beams > 1:
+            for kc, vc in b["cache"]:
+                kc.copy_(kc.index_select(0, b["src"]))
+                vc.copy_(vc.index_select(0, b["src"]))
+        hidden = self.decoder.bert(b["tokens"], None, None, None, causal=True, cross_kv=b["cross"],
+                                   cache=(b["cache"], b["pos"]))
+        b["logits"] = self.decoder.cls.predictions(hidden[:, -1]).float()
+        return b["logits"]
+
+    def step(self, tokens, src=None):
+        b = self.buffers
+        b["tokens"].copy_(tokens.view(-1, 1))
+        if src is not None:
+            b["src"].copy_(src)
+        if b["pos"].device.type != "cuda":
+            logits = self._run()
+        else:
+            if self.graph is None:
+                self.graph = self._capture()
+                self.known[self.key] = (self.graph, b)
+            self.graph.replay()
+            logits = b["logits"]
+        b["pos"] += 1
+        return logits.clone()  # the graph's output buffer is rewritten by the next step
+
+    def _capture(self):
+        """Warm up on a side stream with the rows in place (src = identity: the warm-up only writes position `pos`,
+        which the real step rewrites after its reorder), then record the step."""
+        b = self.buffers
+        src = b["src"].clone()
+        b["src"].copy_(torch.arange(len(src), device=src.device))
+        # under autocast (--fp16) the casts are recorded as kernels: no cached cast may outlive the capture
+        casts = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) \
+            if torch.is_autocast_enabled("cuda") else nullcontext()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with casts, torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread records
+        with casts, torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._run()
+        b["src"].copy_(src)
+        return graph
+
+
+def _one_path(rows, ids, how: Decoding, generator):
     """Greedy decoding, or nucleus sampling with `how.sample`: one path per input."""
-    past, new, unfinished = None, ids, torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    while ids.shape[1] < how.max_length:
-        logits, past = _step(decoder, new, cross_kv, encoder_mask, past)
+    if ids.shape[1] >= how.max_length:
+        return ids.tolist()
+    unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    logits = rows.prefill(ids)
+    while True:
         scores = _process(logits, ids, min_length=how.min_length, eos_id=how.eos_id,
                           repetition_penalty=how.repetition_penalty)
         if how.sample:
-            probs = _top_k_top_p(scores, how.top_k, how.top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            nxt = sample_one(_top_k_top_p(scores, how.top_k, how.top_p).softmax(-1), generator)
         else:
             nxt = scores.argmax(-1)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, how.pad_id))
-        ids, new = torch.cat([ids, nxt[:, None]], 1), nxt[:, None]
+        ids = torch.cat([ids, nxt[:, None]], 1)
         unfinished &= nxt != how.eos_id
-        if not unfinished.any():
+        if ids.shape[1] >= how.max_length or not unfinished.any():
             break
+        logits = rows.step(nxt)
     return ids.tolist()
 
 
-def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, how: Decoding):
-    """Batched beam search. An input whose search is done leaves the batch at once (its rows, cache and image K/V
-    dropped): with length penalty 1 and no early stopping its beams could never change its result, and the other
-    inputs' rows are computed independently of it."""
+def _beam_search(rows, prompt_ids, how: Decoding):
+    """Batched beam search. The candidates of a step are read to the host once (the hypotheses' bookkeeping is
+    transformers 4.15's, in Python); an input whose search is done leaves the batch on the dynamic path (with
+    length penalty 1 and no early stopping its beams could never change its result), or stays, ignored, on the
+    static one."""
     nb, max_length, eos_id = how.num_beams, how.max_length, how.eos_id
-    b = prompt_ids.shape[0]
+    b, dev = prompt_ids.shape[0], prompt_ids.device
     ids = prompt_ids.repeat_interleave(nb, dim=0)
-    beam_scores = torch.zeros(b, nb, device=ids.device)
+    host_ids = ids.tolist()  # the host's copy of every row's tokens: hypotheses are read from it
+    beam_scores = torch.zeros(b, nb, device=dev)
     beam_scores[:, 1:] = -1e9  # all beams start identical: only the first one may expand at step one
     beam_scores = beam_scores.view(-1)
     hyps = [_Hypotheses(nb) for _ in range(b)]
     done = [False] * b
     active = list(range(b))  # the input each slot of the batch holds
-    # the beams of an input start identical: the prompt runs once per input and its cache is copied per beam
-    logits, past = _step(decoder, prompt_ids, cross_kv, encoder_mask, None)
-    logits = logits.repeat_interleave(nb, dim=0)
-    past = [(k.repeat_interleave(nb, dim=0), v.repeat_interleave(nb, dim=0)) for k, v in past]
+    logits = rows.prefill(prompt_ids)  # the prompt runs once per input; its cache is copied per beam
     while True:
         scores = _process(F.log_softmax(logits, -1), ids, min_length=how.min_length, eos_id=eos_id,
                           repetition_penalty=how.repetition_penalty)
@@ -158,44 +290,41 @@ def _beam_search(decoder, cross_kv, encoder_mask, prompt_ids, how: Decoding):
         top_scores, top_tokens = torch.topk(scores, 2 * nb, dim=1)
         top_beams, top_tokens = top_tokens // vocab, top_tokens % vocab
         cur_len = ids.shape[1]
-        next_scores = torch.zeros(n, nb, device=ids.device)
-        next_tokens = torch.zeros(n, nb, dtype=torch.long, device=ids.device)
-        next_src = torch.zeros(n, nb, dtype=torch.long, device=ids.device)
-        ts, tt, tb = top_scores.tolist(), top_tokens.tolist(), top_beams.tolist()
+        ts, tt, tb = top_scores.tolist(), top_tokens.tolist(), top_beams.tolist()  # one read of the candidates
+        next_scores, next_tokens, next_src = [0.0] * (n * nb), [how.pad_id] * (n * nb), list(range(n * nb))
         for slot, i in enumerate(active):
+            if done[i]:  # (static rows) finished: its rows are ignored
+                continue
             k = 0
             for rank, (score, tok, beam) in enumerate(zip(ts[slot], tt[slot], tb[slot])):
                 src = slot * nb + beam
                 if tok == eos_id:
                     if rank < nb:
-                        hyps[i].add(ids[src].tolist(), score)
+                        hyps[i].add(host_ids[src], score)
                 else:
-                    next_scores[slot, k], next_tokens[slot, k], next_src[slot, k] = score, tok, src
+                    j = slot * nb + k
+                    next_scores[j], next_tokens[j], next_src[j] = score, tok, src
                     k += 1
                 if k == nb:
                     break
             done[i] = hyps[i].is_done(max(ts[slot]), cur_len)
-        src = next_src.view(-1)
-        beam_scores = next_scores.view(-1)
-        ids = torch.cat([ids[src], next_tokens.view(-1, 1)], 1)
-        new = next_tokens.view(-1, 1)
-        past = [(k.index_select(0, src), v.index_select(0, src)) for k, v in past]
+        host_ids = [host_ids[r] + [t] for r, t in zip(next_src, next_tokens)]
+        ids = torch.cat([ids[torch.tensor(next_src, device=dev)], torch.tensor(next_tokens, device=dev)[:, None]], 1)
         if all(done) or ids.shape[1] >= max_length:
             break
         keep = [slot for slot, i in enumerate(active) if not done[i]]
-        if len(keep) < len(active):  # finished inputs leave the batch
-            slots = torch.tensor(keep, device=ids.device)
-            rows = (slots[:, None] * nb + torch.arange(nb, device=ids.device)).view(-1)
-            ids, new, beam_scores = ids[rows], new[rows], beam_scores[rows]
-            past = [(k[rows], v[rows]) for k, v in past]
-            cross_kv = [(k[slots], v[slots]) for k, v in cross_kv]
-            encoder_mask = None if encoder_mask is None else encoder_mask[slots]
+        if isinstance(rows, DynamicRows) and len(keep) < len(active):  # finished inputs leave the batch
+            kept = [slot * nb + j for slot in keep for j in range(nb)]
+            ids, host_ids = ids[torch.tensor(kept, device=dev)], [host_ids[r] for r in kept]
+            next_src, next_tokens, next_scores = ([x[r] for r in kept] for x in (next_src, next_tokens, next_scores))
+            rows.keep(torch.tensor(keep, device=dev))
             active = [active[slot] for slot in keep]
-        logits, past = _step(decoder, new, cross_kv, encoder_mask, past)
+        beam_scores = torch.tensor(next_scores, device=dev)
+        logits = rows.step(torch.tensor(next_tokens, device=dev), torch.tensor(next_src, device=dev))
     for slot, i in enumerate(active):
         if not done[i]:
             for j in range(nb):
-                hyps[i].add(ids[slot * nb + j].tolist(), beam_scores[slot * nb + j].item())
+                hyps[i].add(host_ids[slot * nb + j], next_scores[slot * nb + j])
     out = []
     for i in range(b):
         best = hyps[i].best()

@@ -104,15 +104,24 @@ class MultiHeadAttention(nn.Module):
     def project_kv(self, context: torch.Tensor):
         return self._heads(self.key(context)), self._heads(self.value(context))
 
-    def forward(self, x, mask=None, context=None, kv=None, past=None):
-        """x [B, L, h]; `context` (cross) or precomputed `kv`; `past` = cached self-attention (k, v).
+    def forward(self, x, mask=None, context=None, kv=None, past=None, cache=None):
+        """x [B, L, h]; `context` (cross) or precomputed `kv`; `past` = cached self-attention (k, v), grown by
+        concatenation; or `cache` = (k, v, pos): preallocated [B, heads, max_length, d] caches that the new
+        position's k, v are written into at `pos` (a 0-dim device tensor), attended over whole (mask: the positions
+        after `pos` off) — shapes that never change, for a captured decode step.
 
         Cross-attention K/V may be per image while queries are per beam (B = n_images * group): the
         beams' queries are stacked along the sequence axis so K/V are read once, never copied per beam.
         Returns (output [B, L, h], (k, v) to cache).
         """
         q = self._heads(self.query(x))
-        if kv is None:
+        if cache is not None:
+            k_cache, v_cache, pos = cache
+            k_new, v_new = self.project_kv(x)
+            k_cache.index_copy_(2, pos.view(1), k_new.to(k_cache.dtype))
+            v_cache.index_copy_(2, pos.view(1), v_new.to(v_cache.dtype))
+            kv = (k_cache, v_cache)
+        elif kv is None:
             kv = self.project_kv(x if context is None else context)
             if past is not None:
                 kv = (torch.cat([past[0], kv[0]], dim=2), torch.cat([past[1], kv[1]], dim=2))
@@ -153,8 +162,8 @@ class Attention(nn.Module):
         self.self = MultiHeadAttention(cfg, kv_width)
         self.output = AddNorm(cfg.hidden_size, cfg)
 
-    def forward(self, x, mask=None, context=None, kv=None, past=None):
-        h, kv = self.self(x, mask, context=context, kv=kv, past=past)
+    def forward(self, x, mask=None, context=None, kv=None, past=None, cache=None):
+        h, kv = self.self(x, mask, context=context, kv=kv, past=past, cache=cache)
         return self.output(h, x), kv
 
 
@@ -210,8 +219,8 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = AddNorm(cfg.intermediate_size, cfg)
 
-    def forward(self, x, self_mask, context=None, context_mask=None, cross_kv=None, past=None):
-        x, kv = self.attention(x, self_mask, past=past)
+    def forward(self, x, self_mask, context=None, context_mask=None, cross_kv=None, past=None, cache=None):
+        x, kv = self.attention(x, self_mask, past=past, cache=cache)
         if isinstance(context, (list, tuple)):  # NLVR2: two images
             x = self.crossattention(x, context_mask, context)
         elif context is not None or cross_kv is not None:
@@ -244,8 +253,9 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids, past_len: int = 0):
-        pos = torch.arange(past_len, past_len + input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids, past_len: int | torch.Tensor = 0):
+        """`past_len`: tokens before these, an int or a 0-dim device tensor (a captured decode step's position)."""
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device) + past_len
         return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]))
 
 
@@ -267,31 +277,42 @@ class TextModel(nn.Module):
         self.apply(init_bert_weights)
 
     def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                causal: bool = False, cross_kv=None, past=None, use_cache: bool = False):
+                causal: bool = False, cross_kv=None, past=None, use_cache: bool = False, cache=None):
         """Returns the last hidden states [B, L, h] (and the self-attention cache when `use_cache`).
 
         encoder_hidden_states: image tokens [B, N, w], or a pair of them for NLVR2; absent → text only.
         cross_kv: per-layer precomputed cross-attention (k, v), from `cross_kv()`, in place of them.
+        cache: (per-layer preallocated (k, v), pos) for one new token per row at position `pos` (a 0-dim device
+        tensor): the static-shape decode step (blip.generation), causal by construction.
         """
-        past_len = 0 if past is None else past[0][0].shape[2]
-        x = self.embeddings(input_ids, past_len)
         dev = input_ids.device
-        self_mask = additive_mask(attention_mask, input_ids.shape[1], dev, causal=causal, past_len=past_len)
+        if cache is not None:
+            layer_caches, pos = cache
+            x = self.embeddings(input_ids, pos)
+            keys = torch.arange(layer_caches[0][0].shape[2], device=dev)
+            self_mask = ((keys > pos).float() * MASK_VALUE)[None, None, None, :]
+            past = [(k, v, pos) for k, v in layer_caches]
+        else:
+            past_len = 0 if past is None else past[0][0].shape[2]
+            x = self.embeddings(input_ids, past_len)
+            self_mask = additive_mask(attention_mask, input_ids.shape[1], dev, causal=causal, past_len=past_len)
         if isinstance(encoder_hidden_states, (list, tuple)):
             ctx_mask = [additive_mask(m, 1, dev) for m in encoder_attention_mask]
         else:
             ctx_mask = additive_mask(encoder_attention_mask, 1, dev)
-        cache = []
         ckpt = self.encoder.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        grown = []
         for i, layer in enumerate(self.encoder.layer):
             args = (x, self_mask, encoder_hidden_states, ctx_mask,
                     None if cross_kv is None else cross_kv[i], None if past is None else past[i])
-            if ckpt:
+            if cache is not None:
+                x, kv = layer(*args[:5], cache=past[i])
+            elif ckpt:
                 x, kv = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
                 x, kv = layer(*args)
-            cache.append(kv)
-        return (x, cache) if use_cache else x
+            grown.append(kv)
+        return (x, grown) if use_cache else x
 
     def cross_kv(self, encoder_hidden_states, index=None):
         """Each layer's cross-attention (k, v) of the image tokens, computed once for a whole decode.

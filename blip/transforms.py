@@ -166,3 +166,20 @@ def test_transform(image_size: int):
         transforms.ToTensor(),
         normalize(),
     ])
+
+
+def test_transform_uint8(image_size: int):
+    """test_transform up to its float conversion: a uint8 [3, S, S] tensor, a quarter of the float one's bytes to
+    move between processes and to the device; `to_model_input` finishes it there, to test_transform's values."""
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC),
+        transforms.PILToTensor(),
+    ])
+
+
+def to_model_input(pixels_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 3, S, S] -> the normalised float pixels test_transform gives (the same operations: /255, then
+    - mean, / std, each correctly rounded on any device), on the tensor's device."""
+    mean = torch.tensor(MEAN, device=pixels_uint8.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=pixels_uint8.device).view(1, 3, 1, 1)
+    return pixels_uint8.float().div(255).sub(mean).div(std)

@@ -2,6 +2,7 @@
 evaluation and inference) — the same rules in training, evaluation, CapFilt and inference."""
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +135,16 @@ def test_same_rules_in_training_evaluation_capfilt_and_inference(cases):
         else:
             assert torch.equal(blip.load_images([root / n], 16)[0], expected[n])
     assert torch.equal(blip.load_images([Image.open(root / "rgba.png")], 16)[0], expected["rgba.png"])
+
+    # the folder pipeline (blip.inference: uint8 from the workers, floats made on the device): the same pixels
+    from blip.inference.inputs import Item, image_batches
+    bad, seen = [], {}
+    for batch, pixels in image_batches([Item(str(root / n)) for n in names], 16, batch_size=3, workers=2,
+                                       unreadable=bad):
+        seen.update({Path(it.id).name: x for it, x in zip(batch, pixels)})
+    assert sorted(seen) == sorted(n for n in names if n not in BAD) and len(bad) == len(BAD)
+    for n, x in seen.items():
+        assert torch.equal(x, expected[n]), n
 
 
 def test_every_evaluation_dataset_refuses_unreadable_images_instead_of_duplicating(cases):

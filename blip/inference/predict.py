@@ -13,16 +13,12 @@ logged otherwise.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
+from ..precision import autocast as precision_context
 from ..tokenizer import pre_caption, pre_question
 from .inputs import Item, collect, image_batches
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def as_items(images) -> list[Item]:
     if isinstance(images, (list, tuple)) and images and all(isinstance(x, Item) for x in images):
@@ -31,11 +27,8 @@ def as_items(images) -> list[Item]:
 
 
 def autocast(model, precision: str = "fp32"):
-    """bfloat16 / float16 autocast on the model's device, or nothing for fp32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
-    return nullcontext() if dtype is None else torch.autocast(model.device.type, dtype=dtype)
+    """The model's device in `precision` (blip.precision: fp32, bf16, fp16 autocast, tf32)."""
+    return precision_context(model.device, precision)
 
 
 def _batches(model, images, batch_size, workers, unreadable):

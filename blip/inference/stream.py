@@ -34,13 +34,13 @@ def _key(image, text):
 
 
 def stream_to_file(rows_of, items: list[Item], output, fields, *, text_field=None, clean=None, progress=True,
-                   extra_summary=None, echo=None) -> dict:
+                   extra_summary=None, echo=None, settings=None) -> dict:
     """Write `rows_of(pending_items, unreadable)`'s rows to `output`; returns the summary dict.
 
     text_field: the row field that, with `image`, identifies an item (answer: "question", itm pairs: "text";
     None: the image alone); `clean(item.text)` gives that field's value from an item. extra_summary(rows) adds
     entries computed over every row of the output (e.g. classification accuracy). echo(row): called per new row
-    (printing to stdout)."""
+    (printing to stdout). settings: how the rows were computed (precision, device), written into the summary."""
     rank, world = dist.get_rank(), dist.get_world_size()
     clean = clean or (lambda t: t)
 
@@ -98,7 +98,8 @@ def stream_to_file(rows_of, items: list[Item], output, fields, *, text_field=Non
         seconds = max(e["seconds"] for e in everyone)
         summary = {"output": str(output), "items": len(items), "done_now": new, "already_done": already,
                    "unreadable": [{"image": i, "reason": why} for i, why in bad], "seconds": round(seconds, 3),
-                   "images_per_s": round(new / seconds, 2) if seconds > 0 else None, "ranks": world}
+                   "images_per_s": round(new / seconds, 2) if seconds > 0 else None, "ranks": world,
+                   **(settings or {})}
         if extra_summary is not None:
             from .outputs import read_rows
             summary.update(extra_summary(read_rows(output)))
@@ -115,6 +116,7 @@ def print_summary(summary: dict, what: str = "done", file=None):
     file = file or sys.stderr
     bad = summary["unreadable"]
     speed = f", {summary['images_per_s']} img/s" if summary.get("images_per_s") else ""
+    speed += f", {summary['precision']}" if summary.get("precision") else ""
     print(f"{summary['done_now']} {what} now, {summary['already_done']} already in {summary['output']}, "
           f"{len(bad)} unreadable ({summary['seconds']:.1f} s{speed})", file=file)
     for b in bad:

@@ -35,14 +35,16 @@ class BlipCaption(BlipModel):
 
     @torch.no_grad()
     def generate(self, pixel_values, num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0,
-                 sample=False, top_p=0.9, top_k=50, prompt=None, generator=None, return_ids=False, num_captions=1):
+                 sample=False, top_p=0.9, top_k=50, prompt=None, generator=None, return_ids=False, num_captions=1,
+                 static=None):
         """Captions (the prompt cut off their front, as the original). Beam search, or nucleus sampling
         with `sample=True` (the original used repetition_penalty 1.1 there). max_length counts the prompt.
-        `num_captions` per image (sampling): image i's are items i*n ... i*n + n-1 of the list."""
+        `num_captions` per image (sampling): image i's are items i*n ... i*n + n-1 of the list.
+        `static`: blip.generation.Decoding.static (None: captured static-shape decoding on CUDA)."""
         prompt = self.cfg.prompt if prompt is None else prompt
         image_embeds = self.visual_encoder(pixel_values)
         how = Decoding(num_beams=num_beams, max_length=max_length, min_length=min_length,
-                       repetition_penalty=repetition_penalty, sample=sample, top_p=top_p, top_k=top_k)
+                       repetition_penalty=repetition_penalty, sample=sample, top_p=top_p, top_k=top_k, static=static)
         if num_captions > 1 and not (sample or num_beams == 1):  # beam search: each row its own image copy
             image_embeds = image_embeds.repeat_interleave(num_captions, dim=0)
         n_out = len(pixel_values) * num_captions  # sampling: each image's K/V projected once, read by its n rows

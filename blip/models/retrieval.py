@@ -14,6 +14,7 @@ from .. import distributed as dist
 from ..batches import PairBatch, sample_one
 from ..losses import draw_hard_negatives, itc_loss, itm_pairs
 from ..med import TextDecoder, TextModel, tie_decoder_to_encoder
+from ..precision import autocast
 from ..tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID
 from .base import BlipModel, MomentumMixin
 
@@ -86,7 +87,8 @@ class BlipITM(BlipModel):
 
     @torch.no_grad()
     def retrieval_scores(self, pixel_values=None, texts=None, k_test=256, *, image_embeds=None, image_feat=None,
-                         text_ids=None, text_mask=None, text_feat=None, batch_size=128, progress=False):
+                         text_ids=None, text_mask=None, text_feat=None, batch_size=128, progress=False,
+                         precision="fp32"):
         """The original retrieval evaluation: ITC top-k per query, then ITM logit[:, 1] + ITC similarity for
         those k, −100 elsewhere. Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]).
 
@@ -102,16 +104,17 @@ class BlipITM(BlipModel):
         sims = image_feat @ text_feat.t()
         n_img, n_txt = sims.shape
         score_i2t = self.rerank(sims, k_test, image_embeds, text_ids, text_mask, queries_are_images=True,
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, precision=precision)
         score_t2i = self.rerank(sims.t(), k_test, image_embeds, text_ids, text_mask, queries_are_images=False,
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, precision=precision)
         return score_i2t, score_t2i
 
     @torch.no_grad()
     def rerank(self, sims, k, image_embeds, text_ids, text_mask, queries_are_images, batch_size=128,
-               query_offset=0, progress=False):
+               query_offset=0, progress=False, precision="fp32"):
         """ITM re-rank of each query row's top-k columns. sims [n_query, n_cand] (rows may be a slice
-        of the queries starting at `query_offset`)."""
+        of the queries starting at `query_offset`). `precision`: the ITM passes' (blip.precision: bf16 or tf32 on a
+        GPU; the candidates' order is fp32 ITC either way)."""
         k = min(k, sims.shape[1])
         top_sim, top_idx = sims.topk(k, dim=1)
         q_idx = (torch.arange(sims.shape[0], device=sims.device) + query_offset)[:, None].expand(-1, k).reshape(-1)
@@ -124,14 +127,15 @@ class BlipITM(BlipModel):
         starts = range(0, len(c_idx), batch_size)
         if progress:
             from tqdm import tqdm
-            starts = tqdm(starts, desc="ITM re-rank", leave=False)
-        for s in starts:
-            rows = order[s:s + batch_size]
-            images, index = img_idx[rows].unique(return_inverse=True)
-            ids, mask = text_ids[txt_idx[rows]], text_mask[txt_idx[rows]]
-            width = int(mask.sum(1).max())  # trim padding shared by the whole chunk
-            scores[rows] = self.itm_logits(image_embeds[images], ids[:, :width], mask[:, :width],
-                                           image_index=index)[:, 1].float()
+            starts = tqdm(starts, desc=f"ITM re-rank ({precision})", leave=False)
+        with autocast(image_embeds.device, precision):
+            for s in starts:
+                rows = order[s:s + batch_size]
+                images, index = img_idx[rows].unique(return_inverse=True)
+                ids, mask = text_ids[txt_idx[rows]], text_mask[txt_idx[rows]]
+                width = int(mask.sum(1).max())  # trim padding shared by the whole chunk
+                scores[rows] = self.itm_logits(image_embeds[images], ids[:, :width], mask[:, :width],
+                                               image_index=index)[:, 1].float()
         out = torch.full_like(sims, -100.0)
         out.scatter_(1, top_idx, scores.view(-1, k) + top_sim)
         return out

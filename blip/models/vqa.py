@@ -42,14 +42,14 @@ class BlipVQA(BlipModel):
 
     @torch.no_grad()
     def answer(self, pixel_values, questions, method="generate", answer_list=None, k=128, num_beams=3,
-               max_length=10, min_length=1):
+               max_length=10, min_length=1, static=None):
         """Answers by beam-search generation, or by ranking `answer_list` (top-k first tokens, then full
         sequences scored by −loss), both as the original."""
         states, q_mask = self.encode_questions(pixel_values, questions)
         if method == "generate":
             # The original attends to every question position here, padding included.
             prompt = torch.full((len(questions), 1), DEC_ID, dtype=torch.long, device=self.device)
-            how = Decoding(num_beams=num_beams, max_length=max_length, min_length=min_length)
+            how = Decoding(num_beams=num_beams, max_length=max_length, min_length=min_length, static=static)
             ids = generate_ids(self.text_decoder, states, prompt, how)
             return [decode(seq) for seq in ids]
         if method != "rank":

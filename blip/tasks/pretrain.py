@@ -43,4 +43,5 @@ class PretrainTask(Task):
         root = self.cfg.shapes["out_dir"]
         gallery = RetrievalEvalDataset(os.path.join(root, "karpathy_test.json"), root, self.test_transform(model))
         return {"": lambda m: evaluate_retrieval(m, gallery, k_test=self.cfg.k_test,
-                                                 batch_size=self.cfg.test_batch_size)}
+                                                 batch_size=self.cfg.test_batch_size,
+                                                 rerank_precision=self.cfg.rerank_precision)}

@@ -37,7 +37,8 @@ class RetrievalTask(Task):
             gallery = RetrievalEvalDataset(self.ann_file(cfg.dataset, split), cfg.image_root,
                                            self.test_transform(model), max_words=cfg.max_words)
             out[split] = lambda m, g=gallery: evaluate_retrieval(
-                m, g, k_test=cfg.k_test, batch_size=cfg.test_batch_size, num_workers=cfg.num_workers)
+                m, g, k_test=cfg.k_test, batch_size=cfg.test_batch_size, num_workers=cfg.num_workers,
+                rerank_precision=cfg.rerank_precision)
         return out
 
     def best(self, metrics):
