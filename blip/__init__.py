@@ -5,15 +5,17 @@ Public API:
     from_transformers(hf_model) / to_transformers(model)
     image_transform(image_size, train=False), load_images(paths_or_pil, image_size)
     save_weights(model, path)
+    init_from_files(model, vision=FILE, text=BERT_DIR)   the original's unimodal start (ImageNet ViT, BERT)
     blip.inference: caption / answer / itm / embed_images / search / classify over whole collections (yield rows)
 """
 from __future__ import annotations
 
 from .checkpoint import CheckpointMismatchError, load_into, read_metadata, save_weights
 from .models import PRESETS, TASKS, ModelConfig
+from .pretrained import init_from_files
 
 __all__ = ["inference", "load_model", "from_transformers", "to_transformers", "image_transform", "load_images",
-           "save_weights", "ModelConfig", "PRESETS", "TASKS", "CheckpointMismatchError"]
+           "save_weights", "init_from_files", "ModelConfig", "PRESETS", "TASKS", "CheckpointMismatchError"]
 
 
 def load_model(task: str, checkpoint=None, strict: bool | None = None, **overrides):

@@ -56,6 +56,7 @@ class Config:
     # override a checkpoint's stored description key by key; the rest come from it (or ModelConfig's defaults).
     model: dict = field(default_factory=dict)
     pretrained: str = ""                # checkpoint path to initialise from ('' = none)
+    init: dict | None = None            # unimodal start (blip.pretrained): {vision: FILE|DIR, text: BERT DIR}
     # --- optimisation ----------------------------------------------------------------------------
     init_lr: float = 1e-5
     min_lr: float = 0.0
@@ -104,6 +105,12 @@ class Config:
     def __post_init__(self):
         from .negatives import HardNegatives
         HardNegatives.from_config(self.hard_negatives)  # a misspelled option is refused here, with its name
+        unknown = sorted(set(self.init or {}) - {"vision", "text"})
+        if unknown:
+            raise ValueError(f"config key 'init': unknown key(s) {unknown}; known: ['vision', 'text']")
+        if self.init and self.pretrained:
+            raise ValueError("config keys 'init' and 'pretrained' both set: 'pretrained' is a whole BLIP checkpoint, "
+                             "'init' the unimodal start of pretraining from scratch; give one")
 
     @property
     def train_batch_size(self) -> int:

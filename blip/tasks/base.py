@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .. import load_model, neighbours
+from .. import load_model, neighbours, pretrained
 from ..negatives import HardNegatives
 from ..transforms import test_transform, train_transform
 
@@ -40,7 +40,14 @@ class Task:
     # -- model and data -------------------------------------------------------------------------------------------
     def build_model(self):
         """The task model: the checkpoint's stored description (if any), overridden by the config's model keys."""
-        model = load_model(self.model_task, self.cfg.pretrained or None, **self.cfg.model)
+        options = dict(self.cfg.model)
+        init = pretrained.check_init(self.cfg.init)
+        if "text" in init and not isinstance(options.get("med_config"), str):
+            # the text stack's sizes are the BERT folder's, unless the config gives its own
+            options["med_config"] = {**pretrained.text_config(init["text"]), **(options.get("med_config") or {})}
+        model = load_model(self.model_task, self.cfg.pretrained or None, **options)
+        if init:
+            model.init_report = pretrained.init_from_files(model, **init)
         if model.cfg.text_grad_ckpt:
             model.set_text_grad_ckpt(True)
         return model
