@@ -95,20 +95,29 @@ def check_init(init: dict | None, where: str = "config key 'init'") -> dict:
 
 
 # -- reading --------------------------------------------------------------------------------------------------------
-def _weights_file(path: Path) -> Path:
+def _weights_files(path: Path) -> list[Path]:
+    """The file, or a folder's weights files of the first kind it holds (every shard of a sharded save)."""
     if not path.is_dir():
-        return path
-    for pattern in ("*.safetensors", "pytorch_model.bin", "*.pth", "*.pt", "*.bin"):
+        return [path]
+    for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pth", "*.pt", "*.bin"):
         files = sorted(path.glob(pattern))
         if files:
-            return files[0]
+            return files
     raise FileNotFoundError(f"{path}: no weights file inside (*.safetensors, pytorch_model.bin, *.pth)")
 
 
 def read_weights(path) -> dict[str, torch.Tensor]:
     """A state dict from a file or folder: safetensors, or a pickle read with weights_only; `{'model': ...}` /
     `{'state_dict': ...}` wrappers and DDP's `module.` prefix removed."""
-    f = _weights_file(Path(path))
+    sd = {}
+    for f in _weights_files(Path(path)):
+        sd.update(_read_one(f))
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _read_one(f: Path) -> dict[str, torch.Tensor]:
     if f.suffix == ".safetensors":
         from safetensors.torch import load_file
         sd = load_file(str(f))
@@ -122,8 +131,6 @@ def read_weights(path) -> dict[str, torch.Tensor]:
             sd = sd[wrapper]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointMismatchError(f"{f}: expected a state dict of tensors")
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
 
 
@@ -147,8 +154,8 @@ def efficientnet_pytorch_to_timm(sd: dict, trunk) -> dict:
     depthwise-separable block)."""
     places = [(s, j) for s, stage in enumerate(trunk.blocks) for j in range(len(stage))]
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se": "se", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_se": "se",
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
     se = {"_se_reduce": "conv_reduce", "_se_expand": "conv_expand"}
     out = {}
@@ -164,7 +171,7 @@ def efficientnet_pytorch_to_timm(sd: dict, trunk) -> dict:
             continue
         names = inverted if f"_blocks.{i}._expand_conv.weight" in sd else separable
         s, j = places[i]
-        name = se.get(module) and f"se.{se[module]}" or names.get(module, module)
+        name = f"se.{se[module]}" if module in se else names.get(module, module)
         out[f"blocks.{s}.{j}.{name}.{rest}"] = v
     return out
 

@@ -49,12 +49,17 @@ def test_vision_timm_and_deit_layouts(tmp_path, layout):
     if layout == "deit_pth":  # DeiT's release: {'model': state_dict}
         path = tmp_path / "deit.pth"
         torch.save({"model": sd, "epoch": 299}, path)
-    else:
+    elif layout == "timm_safetensors":
         from safetensors.torch import save_file
-        path = tmp_path / ("vit" if layout == "folder" else "") / "model.safetensors"
-        path.parent.mkdir(exist_ok=True)
+        path = tmp_path / "model.safetensors"
         save_file(sd, str(path))
-        path = path.parent if layout == "folder" else path
+    else:  # a folder of a sharded save: every shard read
+        from safetensors.torch import save_file
+        path = tmp_path / "vit"
+        path.mkdir()
+        keys = sorted(sd)
+        for i, part in enumerate((keys[::2], keys[1::2])):
+            save_file({k: sd[k].contiguous() for k in part}, str(path / f"model-0000{i + 1}-of-00002.safetensors"))
     model = micro()
     report = init_from_files(model, vision=str(path))["vision"]
     assert_vision_from(model, vit, report)
