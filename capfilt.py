@@ -19,6 +19,7 @@ import os
 from blip import distributed as dist
 from blip import load_model
 from blip.capfilt import CapFilt, fingerprint, list_pairs, merge, run_shards, shard_path
+from blip.errors import exit_on_user_error
 from blip.run import start_run
 from data.shapes import ensure_shapes_world
 
@@ -90,4 +91,4 @@ def main(argv=None, max_shards=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -180,11 +180,11 @@ def main(argv=None) -> int:
         parser.error("--rank and --answer-list go together")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .checkpoint import CheckpointMismatchError
+    from .errors import one_line, user_errors
     try:
         return run(args)
-    except (FileNotFoundError, ValueError, TypeError, ImportError, CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except user_errors() as e:
+        print(one_line(e), file=sys.stderr)
         return 2
 
 

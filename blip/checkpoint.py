@@ -141,10 +141,20 @@ def _read_file(path: Path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointMismatchError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointMismatchError(f"{path}: not a readable checkpoint ({_load_failure(e)})") from e
     if not isinstance(obj, dict):
         raise CheckpointMismatchError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return obj, {}
+
+
+def _load_failure(e: Exception) -> str:
+    """torch.load's reason in one line: its weights_only refusal is a page of advice around the one fact that
+    matters (which class the pickle holds); any other reason: its first line, without terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it pickles {found.group(1)}, not only tensors: save a state dict instead"
+    return f"{type(e).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
 
 
 # Cross-attention that reads text states, not the image: the VQA answer decoder attends to the question
