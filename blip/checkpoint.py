@@ -343,6 +343,26 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
 
 
+def file_identity(path) -> list:
+    """[absolute path, size, mtime_ns]: which file, as it is now (a file rewritten in place is another one)."""
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def move_aside(path) -> Path:
+    """Rename a file or folder to `NAME.old-YYYYmmdd-HHMMSS` (a file keeps its extension last: caps.old-….jsonl;
+    a counter is added if the name is taken). Refusing or moving, never deleting: nothing earlier is lost."""
+    import time
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem, ext = (path.stem, path.suffix) if path.is_file() else (path.name, "")
+    aside, n = path.with_name(f"{stem}.old-{stamp}{ext}"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{stem}.old-{stamp}-{n}{ext}"), n + 1
+    path.rename(aside)
+    return aside
+
+
 def save_weights(model, path):
     """Our format: safetensors with the task and model config in its metadata."""
     from safetensors.torch import save_file

@@ -12,13 +12,13 @@ import logging
 import math
 import random
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import distributed as dist
+from .checkpoint import move_aside
 from .config import add_config_args, config_from_args, save_config
 from .errors import OutputExistsError
 
@@ -95,17 +95,6 @@ def check_output_dir(out: Path, resume=None, overwrite=False):
         raise OutputExistsError(f"{out} holds a run ({', '.join(n for n in RUN_FILES if (out / n).exists())}): "
                                 f"--resume latest to continue it, --overwrite to move it aside and start afresh, "
                                 f"or another --output-dir")
-
-
-def move_aside(out: Path) -> Path:
-    """Rename `out` to `out.old-YYYYmmdd-HHMMSS` (a counter added if taken); nothing is deleted."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = out.with_name(f"{out.name}.old-{stamp}")
-    n = 1
-    while aside.exists():
-        aside, n = out.with_name(f"{out.name}.old-{stamp}-{n}"), n + 1
-    out.rename(aside)
-    return aside
 
 
 def describe(task_cls) -> str:

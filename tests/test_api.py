@@ -179,7 +179,10 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, pngs, capsys):
                                     "--device", "cpu"])
     assert code == 2 and "vision_widht" in err
     code, _, err = run_cli(capsys, ["itm", pngs[0], "--text", "a dog", "--checkpoint", path, "--device", "cpu"])
-    assert code == 2 and "missing key" in err  # a caption checkpoint is no ITM model
+    assert code == 2 and "holds a 'caption' model" in err  # a caption checkpoint is no ITM model
+    code, _, err = run_cli(capsys, ["itm", pngs[0], "--text", "a dog", "--checkpoint", path, "--device", "cpu",
+                                    "--task", "itm"])
+    assert code == 2 and "missing key" in err  # asked for: loaded as one, and its weights do not fit
     with pytest.raises(SystemExit):
         main(["answer", str(pngs[0]), "--question", "what", "--rank"])  # --rank without --answer-list
     assert "--answer-list" in capsys.readouterr().err
