@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blip", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--checkpoint", help="original .pth, our .safetensors or a transformers directory "
-                                            "(none: random weights)")
+    model.add_argument("--checkpoint", help="original .pth, our .safetensors, a training output folder or its "
+                                            "checkpoint_latest.pt, or a transformers directory (none: random weights)")
     model.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="model options (see blip.ModelConfig), e.g. vit=large image_size=480")
     model.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
@@ -254,6 +254,9 @@ def run(args) -> int:
     from .tokenizer import pre_caption, pre_question
 
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    if args.checkpoint is not None:  # a training folder: the weights file it holds, named in every message
+        from .checkpoint import resolve_checkpoint
+        args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if not args.output and args.command != "search":
             raise ValueError("under torchrun give --output: the ranks' parts are merged into it")

@@ -83,9 +83,24 @@ def to_transformers_keys(sd: dict) -> dict:
     return _rename(sd, _TO_HF)
 
 
+TRAINING_WEIGHTS = ("model_best.safetensors", "checkpoint_latest.pt")  # a training folder's, in order of preference
+
+
+def resolve_checkpoint(src):
+    """A training output folder -> its best epoch's weights (model_best.safetensors), else its latest training
+    state (checkpoint_latest.pt); anything else unchanged."""
+    if isinstance(src, (str, Path)) and Path(src).is_dir():
+        for name in TRAINING_WEIGHTS:
+            if (Path(src) / name).exists():
+                return Path(src) / name
+    return src
+
+
 def read_state_dict(src) -> tuple[dict, dict]:
-    """A checkpoint (path, directory or dict) -> (state dict in our names, metadata)."""
+    """A checkpoint (path, training folder, transformers directory or dict) -> (state dict in our names,
+    metadata). A training state (checkpoint_latest.pt) gives its model's weights."""
     meta = {}
+    src = resolve_checkpoint(src)
     if isinstance(src, dict):
         sd = src
     else:
@@ -114,9 +129,11 @@ def read_state_dict(src) -> tuple[dict, dict]:
 
 
 def read_metadata(path) -> dict:
-    """The model description a checkpoint carries (our safetensors metadata, a transformers config.json),
-    without reading its tensors."""
-    path = Path(path)
+    """The model description a checkpoint carries (our safetensors metadata, a training state's task and model
+    config, a transformers config.json), without reading its tensors into memory."""
+    path = Path(resolve_checkpoint(path))
+    if path.suffix == ".pt" and path.is_file():
+        return _training_state_metadata(path)
     if path.is_dir() and (path / "config.json").exists():
         return {"transformers_config": json.loads((path / "config.json").read_text())}
     if path.suffix == ".safetensors":
@@ -125,6 +142,27 @@ def read_metadata(path) -> dict:
             meta = dict(f.metadata() or {})
         return json.loads(meta["blip"]) if "blip" in meta else {}
     return {}
+
+
+def _training_state_metadata(path: Path) -> dict:
+    """{task, model_config} of a training state (blip.engine's checkpoint_latest.pt; one written before they were
+    stored: from its config's task and model keys); {} for any other .pt."""
+    try:  # mapped, not read: the optimizer's state may be twice the weights
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return {}  # not ours (an original .pth saved as .pt, ...): read_state_dict says what is wrong with it
+    if not isinstance(state, dict) or "progress" not in state or "model" not in state:
+        return {}
+    if "task" in state:
+        return {"task": state["task"], "model_config": state["model_config"]}
+    from .config import MODEL_KEYS
+    from .models import PRESETS, TASKS
+    config = state.get("config") or {}
+    keys = {k: v for k, v in config.items() if k in MODEL_KEYS and k != "preset"}
+    meta = {"model_config": {**PRESETS.get(config.get("preset"), {}), **keys}}
+    if config.get("task") in TASKS:
+        meta["task"] = config["task"]
+    return meta
 
 
 def _read_file(path: Path):
