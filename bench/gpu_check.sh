@@ -96,16 +96,16 @@ bg compositional 180 $PY evaluate_compositional.py --device $D --model $W/retrie
 IMGS=$W/world/images; CK=$W/caption_fp32/model.safetensors; RK=$W/retrieval_fp32/model.safetensors; VK=$W/vqa_fp32/model.safetensors
 for P in fp32 bf16; do
   F=$([ $P = bf16 ] && echo --bf16); V=(--device $D --workers 2 --batch-size 8 --no-progress $F)
-  bg verb_caption_$P 120 $PY -m blip caption $IMGS --checkpoint $CK "${V[@]}" -o $W/v_$P/caps.jsonl
-  bg verb_caption_sample_$P 120 $PY -m blip caption $IMGS --checkpoint $CK "${V[@]}" --sample --num-captions 2 -o $W/v_$P/samples.jsonl
-  bg verb_answer_$P 120 $PY -m blip answer $IMGS --checkpoint $VK --question "what color is the shape?" "${V[@]}" -o $W/v_$P/answers.jsonl
-  bg verb_answer_rank_$P 120 $PY -m blip answer $IMGS --checkpoint $VK --question "what color is the shape?" --rank --answer-list $W/world/answer_list.json "${V[@]}" -o $W/v_$P/ranked.jsonl
-  bg verb_itm_$P 120 $PY -m blip itm $IMGS --checkpoint $RK --task retrieval --text "a red circle" --text "two blue squares" "${V[@]}" -o $W/v_$P/itm.jsonl
-  bg verb_classify_$P 120 $PY -m blip classify $IMGS --checkpoint $RK --task retrieval --labels circle,square,triangle --rerank 2 "${V[@]}" -o $W/v_$P/classes.jsonl
-  ( step verb_embed_$P 120 $PY -m blip embed $IMGS --checkpoint $RK --task retrieval "${V[@]}" -o $W/v_$P/gallery.safetensors &&
+  bg verb_caption_$P 120 $PY -m blip caption $IMGS --checkpoint $CK "${V[@]}" -o $W/v_$P/caps.jsonl --overwrite
+  bg verb_caption_sample_$P 120 $PY -m blip caption $IMGS --checkpoint $CK "${V[@]}" --sample --num-captions 2 -o $W/v_$P/samples.jsonl --overwrite
+  bg verb_answer_$P 120 $PY -m blip answer $IMGS --checkpoint $VK --question "what color is the shape?" "${V[@]}" -o $W/v_$P/answers.jsonl --overwrite
+  bg verb_answer_rank_$P 120 $PY -m blip answer $IMGS --checkpoint $VK --question "what color is the shape?" --rank --answer-list $W/world/answer_list.json "${V[@]}" -o $W/v_$P/ranked.jsonl --overwrite
+  bg verb_itm_$P 120 $PY -m blip itm $IMGS --checkpoint $RK --task retrieval --text "a red circle" --text "two blue squares" "${V[@]}" -o $W/v_$P/itm.jsonl --overwrite
+  bg verb_classify_$P 120 $PY -m blip classify $IMGS --checkpoint $RK --task retrieval --labels circle,square,triangle --rerank 2 "${V[@]}" -o $W/v_$P/classes.jsonl --overwrite
+  ( step verb_embed_$P 120 $PY -m blip embed $IMGS --checkpoint $RK --task retrieval "${V[@]}" -o $W/v_$P/gallery.safetensors --overwrite &&
     step verb_search_$P 120 $PY -m blip search --gallery $W/v_$P/gallery.safetensors --query "a red circle" --k 3 --rerank 5 --checkpoint $RK --task retrieval "${V[@]}" ) &
 done
-bg verb_caption_torchrun 120 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m blip caption $IMGS --checkpoint $CK --device $D --no-progress -o $W/v_torchrun/caps.jsonl
+bg verb_caption_torchrun 120 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m blip caption $IMGS --checkpoint $CK --device $D --no-progress -o $W/v_torchrun/caps.jsonl --overwrite
 wait
 fi
 
