@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (0: in-process)")
     model.add_argument("-o", "--output", help="stream rows to this .jsonl or .csv (resumable)")
     model.add_argument("--overwrite", action="store_true",
-                       help="an output made by another request is moved aside (FILE.old-TIME), not refused")
+                       help="move an existing output (and its summary) aside to STEM.old-TIME.EXT and start afresh "
+                            "(without it, an output of another request is refused)")
     model.add_argument("--json", action="store_true", help="printed rows: one JSON object per line")
     model.add_argument("--no-progress", action="store_true", help="no progress bar")
     model.add_argument("-v", "--verbose", action="store_true", help="log what the checkpoint loader did")
