@@ -14,11 +14,12 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import os
 
 from blip import distributed as dist
 from blip import load_model
 from blip.capfilt import CapFilt, fingerprint, list_pairs, merge, run_shards, shard_path
+from blip.checkpoint import file_identity
+from blip.errors import exit_on_user_error
 from blip.run import start_run
 from data.shapes import ensure_shapes_world
 
@@ -38,17 +39,12 @@ def load_models(cfg, device):
     return captioner, filter_model
 
 
-def _file_id(path):
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
-
-
 def settings_of(cfg, pairs) -> dict:
     """Everything a shard's content depends on (the threshold is applied at the merge, so it is not here)."""
     keys = ("filter_task", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty",
             "seed", "max_words", "precision", "shard_size", "test_batch_size")
-    return {"captioner": _file_id(cfg.captioner), "filter": _file_id(cfg.filter),
-            "inputs": [_file_id(f) for src in cfg.train_file for f in sorted(glob.glob(src)) or [src]],
+    return {"captioner": file_identity(cfg.captioner), "filter": file_identity(cfg.filter),
+            "inputs": [file_identity(f) for src in cfg.train_file for f in sorted(glob.glob(src)) or [src]],
             "n_pairs": len(pairs), "model": cfg.model, **{k: getattr(cfg, k) for k in keys}}
 
 
@@ -90,4 +86,4 @@ def main(argv=None, max_shards=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -15,6 +15,7 @@ import torch
 
 from blip import load_model
 from blip.compositional import BENCHMARKS, ProbeScorer, evaluate, write_report
+from blip.errors import exit_on_user_error
 
 
 def _options(pairs):
@@ -53,4 +54,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

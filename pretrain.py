@@ -3,6 +3,7 @@
     python pretrain.py --config configs/shapes_pretrain.yaml          # offline default: the shapes world
     torchrun --nproc_per_node=8 pretrain.py --config configs/pretrain.yaml
 """
+from blip.errors import exit_on_user_error
 from blip.run import run
 from blip.tasks import PretrainTask
 from data.shapes import ensure_shapes_world
@@ -13,4 +14,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

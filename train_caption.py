@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 train_caption.py --config configs/caption_coco.yaml
     python train_caption.py --config configs/nocaps.yaml --evaluate                   # nocaps_{val,test}.json
 """
+from blip.errors import exit_on_user_error
 from blip.run import run
 from blip.tasks import CaptionTask
 from data.shapes import ensure_shapes_world
@@ -15,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=8 train_nlvr.py --config configs/nlvr.yaml
     python train_nlvr.py --config configs/nlvr.yaml --evaluate                       # the `pretrained` weights
 """
+from blip.errors import exit_on_user_error
 from blip.run import run
 from blip.tasks import NLVRTask
 from data.shapes import ensure_shapes_world
@@ -14,4 +15,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

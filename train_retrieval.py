@@ -5,6 +5,7 @@ hard negatives; ITC top-k + ITM re-rank recall on val and test after every epoch
     torchrun --nproc_per_node=8 train_retrieval.py --config configs/retrieval_coco.yaml
     python train_retrieval.py --config configs/retrieval_flickr.yaml --evaluate      # the `pretrained` weights
 """
+from blip.errors import exit_on_user_error
 from blip.run import run
 from blip.tasks import RetrievalTask
 from data.shapes import ensure_shapes_world
@@ -15,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -5,6 +5,7 @@ and test after every epoch, the best dev epoch kept.
     torchrun --nproc_per_node=8 train_ve.py --config configs/snli_ve.yaml
     python train_ve.py --config configs/snli_ve.yaml --evaluate                       # the `pretrained` weights
 """
+from blip.errors import exit_on_user_error
 from blip.run import run
 from blip.tasks import VETask
 from data.shapes_ve import ensure_shapes_ve_world
@@ -15,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

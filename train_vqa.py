@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 train_vqa.py --config configs/vqa.yaml
     python train_vqa.py --config configs/vqa.yaml --evaluate                          # the `pretrained` weights
 """
+from blip.errors import exit_on_user_error
 from blip.run import run
 from blip.tasks import VQATask
 from data.shapes import ensure_shapes_world
@@ -15,4 +16,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -78,16 +78,16 @@ ensure_pair_world({"out_dir": f"{w}/pairs", "n_train": 16, "n_val": 4, "n_test":
 PY
 bg probe 240 $PY bench/gpu_probe.py --device $D
 for P in fp32 bf16; do
-  bg main_job_$P 240 $PY pretrain.py --config configs/shapes_main.yaml --device $D --output-dir $W/main_$P --set precision=$P
-  bg pretrain_$P 180 $PY pretrain.py --config configs/shapes_pretrain.yaml --device $D --output-dir $W/pretrain_$P "${WORLD[@]}" precision=$P train_file=[$W/world/pretrain.json]
-  bg retrieval_$P 180 $PY train_retrieval.py --config configs/shapes_retrieval.yaml --device $D --output-dir $W/retrieval_$P "${WORLD[@]}" precision=$P
-  bg caption_$P 180 $PY train_caption.py --config configs/shapes_caption.yaml --device $D --output-dir $W/caption_$P "${WORLD[@]}" precision=$P coco_gt_root=$W/world meteor=false ${SCORE:-}
-  bg vqa_$P 180 $PY train_vqa.py --config configs/shapes_vqa.yaml --device $D --output-dir $W/vqa_$P "${WORLD[@]}" precision=$P vqa_root=$W/world
-  bg nlvr_$P 180 $PY train_nlvr.py --config configs/shapes_nlvr.yaml --device $D --output-dir $W/nlvr_$P "${WORLD[@]}" precision=$P
-  bg ve_$P 180 $PY train_ve.py --config configs/shapes_ve.yaml --device $D --output-dir $W/ve_$P "${WORLD[@]}" precision=$P
+  bg main_job_$P 240 $PY pretrain.py --config configs/shapes_main.yaml --device $D --output-dir $W/main_$P --overwrite --set precision=$P
+  bg pretrain_$P 180 $PY pretrain.py --config configs/shapes_pretrain.yaml --device $D --output-dir $W/pretrain_$P --overwrite "${WORLD[@]}" precision=$P train_file=[$W/world/pretrain.json]
+  bg retrieval_$P 180 $PY train_retrieval.py --config configs/shapes_retrieval.yaml --device $D --output-dir $W/retrieval_$P --overwrite "${WORLD[@]}" precision=$P
+  bg caption_$P 180 $PY train_caption.py --config configs/shapes_caption.yaml --device $D --output-dir $W/caption_$P --overwrite "${WORLD[@]}" precision=$P coco_gt_root=$W/world meteor=false ${SCORE:-}
+  bg vqa_$P 180 $PY train_vqa.py --config configs/shapes_vqa.yaml --device $D --output-dir $W/vqa_$P --overwrite "${WORLD[@]}" precision=$P vqa_root=$W/world
+  bg nlvr_$P 180 $PY train_nlvr.py --config configs/shapes_nlvr.yaml --device $D --output-dir $W/nlvr_$P --overwrite "${WORLD[@]}" precision=$P
+  bg ve_$P 180 $PY train_ve.py --config configs/shapes_ve.yaml --device $D --output-dir $W/ve_$P --overwrite "${WORLD[@]}" precision=$P
 done
-bg pretrain_compiled 300 $PY pretrain.py --config configs/shapes_pretrain.yaml --device $D --output-dir $W/pretrain_compiled "${WORLD[@]}" precision=bf16 train_file=[$W/world/pretrain.json] --compile
-bg torchrun_${NCCL} 180 $PY -m torch.distributed.run --standalone --nproc_per_node 1 pretrain.py --config configs/shapes_pretrain.yaml --device $D --output-dir $W/torchrun "${WORLD[@]}" precision=bf16 train_file=[$W/world/pretrain.json]
+bg pretrain_compiled 300 $PY pretrain.py --config configs/shapes_pretrain.yaml --device $D --output-dir $W/pretrain_compiled --overwrite "${WORLD[@]}" precision=bf16 train_file=[$W/world/pretrain.json] --compile
+bg torchrun_${NCCL} 180 $PY -m torch.distributed.run --standalone --nproc_per_node 1 pretrain.py --config configs/shapes_pretrain.yaml --device $D --output-dir $W/torchrun --overwrite "${WORLD[@]}" precision=bf16 train_file=[$W/world/pretrain.json]
 wait
 for P in fp32 bf16; do
   bg capfilt_$P 180 $PY capfilt.py --config configs/shapes_capfilt.yaml --device $D --output-dir $W/capfilt_$P --set "shapes=$SHAPES" train_file=[$W/world/pretrain.json] noise_file=$W/world/pretrain_noise.json precision=$P captioner=$W/caption_fp32/model.safetensors filter=$W/retrieval_fp32/model.safetensors shard_size=32
@@ -96,16 +96,16 @@ bg compositional 180 $PY evaluate_compositional.py --device $D --model $W/retrie
 IMGS=$W/world/images; CK=$W/caption_fp32/model.safetensors; RK=$W/retrieval_fp32/model.safetensors; VK=$W/vqa_fp32/model.safetensors
 for P in fp32 bf16; do
   F=$([ $P = bf16 ] && echo --bf16); V=(--device $D --workers 2 --batch-size 8 --no-progress $F)
-  bg verb_caption_$P 120 $PY -m blip caption $IMGS --checkpoint $CK "${V[@]}" -o $W/v_$P/caps.jsonl
-  bg verb_caption_sample_$P 120 $PY -m blip caption $IMGS --checkpoint $CK "${V[@]}" --sample --num-captions 2 -o $W/v_$P/samples.jsonl
-  bg verb_answer_$P 120 $PY -m blip answer $IMGS --checkpoint $VK --question "what color is the shape?" "${V[@]}" -o $W/v_$P/answers.jsonl
-  bg verb_answer_rank_$P 120 $PY -m blip answer $IMGS --checkpoint $VK --question "what color is the shape?" --rank --answer-list $W/world/answer_list.json "${V[@]}" -o $W/v_$P/ranked.jsonl
-  bg verb_itm_$P 120 $PY -m blip itm $IMGS --checkpoint $RK --task retrieval --text "a red circle" --text "two blue squares" "${V[@]}" -o $W/v_$P/itm.jsonl
-  bg verb_classify_$P 120 $PY -m blip classify $IMGS --checkpoint $RK --task retrieval --labels circle,square,triangle --rerank 2 "${V[@]}" -o $W/v_$P/classes.jsonl
-  ( step verb_embed_$P 120 $PY -m blip embed $IMGS --checkpoint $RK --task retrieval "${V[@]}" -o $W/v_$P/gallery.safetensors &&
+  bg verb_caption_$P 120 $PY -m blip caption $IMGS --checkpoint $CK "${V[@]}" -o $W/v_$P/caps.jsonl --overwrite
+  bg verb_caption_sample_$P 120 $PY -m blip caption $IMGS --checkpoint $CK "${V[@]}" --sample --num-captions 2 -o $W/v_$P/samples.jsonl --overwrite
+  bg verb_answer_$P 120 $PY -m blip answer $IMGS --checkpoint $VK --question "what color is the shape?" "${V[@]}" -o $W/v_$P/answers.jsonl --overwrite
+  bg verb_answer_rank_$P 120 $PY -m blip answer $IMGS --checkpoint $VK --question "what color is the shape?" --rank --answer-list $W/world/answer_list.json "${V[@]}" -o $W/v_$P/ranked.jsonl --overwrite
+  bg verb_itm_$P 120 $PY -m blip itm $IMGS --checkpoint $RK --task retrieval --text "a red circle" --text "two blue squares" "${V[@]}" -o $W/v_$P/itm.jsonl --overwrite
+  bg verb_classify_$P 120 $PY -m blip classify $IMGS --checkpoint $RK --task retrieval --labels circle,square,triangle --rerank 2 "${V[@]}" -o $W/v_$P/classes.jsonl --overwrite
+  ( step verb_embed_$P 120 $PY -m blip embed $IMGS --checkpoint $RK --task retrieval "${V[@]}" -o $W/v_$P/gallery.safetensors --overwrite &&
     step verb_search_$P 120 $PY -m blip search --gallery $W/v_$P/gallery.safetensors --query "a red circle" --k 3 --rerank 5 --checkpoint $RK --task retrieval "${V[@]}" ) &
 done
-bg verb_caption_torchrun 120 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m blip caption $IMGS --checkpoint $CK --device $D --no-progress -o $W/v_torchrun/caps.jsonl
+bg verb_caption_torchrun 120 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m blip caption $IMGS --checkpoint $CK --device $D --no-progress -o $W/v_torchrun/caps.jsonl --overwrite
 wait
 fi
 

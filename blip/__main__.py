@@ -14,15 +14,19 @@ SOURCES: image files, folders (recursive), globs ('photos/**/*.jpg'), a .txt fil
 file, local .tar shards (`shards/{000..009}.tar`). Images are decoded in --workers DataLoader workers and run
 in batches of --batch-size; --bf16 (bfloat16 weights) / --fp16 (autocast); --device. Unreadable images are skipped and named.
 
-With -o/--output FILE (.jsonl or .csv) rows are streamed to the file, flushed as they come; a rerun with the
-same output skips what is done; the summary goes to FILE's `.summary.json`. Under `torchrun --nproc_per_node N
+With -o/--output FILE (.jsonl or .csv) rows are streamed to the file, flushed as they come; a rerun of the same
+request (checkpoint, task, texts, decoding options, precision) into the same output skips what is done; another
+request is refused, naming what differs (--overwrite moves the old output aside). The request and the summary go
+to `FILE.summary.json`. Under `torchrun --nproc_per_node N
 -m blip ...` each rank takes a part and rank 0 merges them. Without --output rows are printed (--json: one JSON
 object a line).
 
 Model: --checkpoint (original .pth, our .safetensors or a transformers directory; none: RANDOM weights, a
 warning says so), --set KEY=VALUE model options (`--set vit=large image_size=480`, `--set med_config.hidden_size=256`;
-an original .pth carries no sizes: give them here). embed/search/classify/itm build `--task itm` (the original's
-ITM model, [CLS] first); a retrieval or pretraining checkpoint: `--task retrieval|pretrain` ([ENC] first).
+an original .pth carries no sizes: give them here). A checkpoint that names its task (ours) is loaded as that task;
+one of another task than the command runs is refused unless --task asks for it (and its weights fit). Without a
+stored task, embed/search/classify/itm build `--task itm` (the original's ITM model, [CLS] first); a retrieval or
+pretraining checkpoint: `--task retrieval|pretrain` ([ENC] first).
 """
 from __future__ import annotations
 
@@ -36,6 +40,15 @@ from pathlib import Path
 # The original's evaluation image sizes, used when neither --set nor the checkpoint gives one.
 DEFAULT_IMAGE_SIZE = {"caption": 384, "itm": 384, "retrieval": 384, "pretrain": 384, "vqa": 480}
 COMMAND_TASK = {"caption": "caption", "answer": "vqa"}
+ITC_TASKS = ("itm", "retrieval", "pretrain")  # what itm/embed/search/classify can load (ITC + ITM heads)
+# the options each command's rows depend on (besides checkpoint, task, --set and precision): the request an output
+# keeps in its side file; files given by name count by their identity (path, size, mtime)
+ROW_OPTIONS = {"caption": ("beams", "max_length", "min_length", "sample", "top_p", "num_captions",
+                           "repetition_penalty", "prompt", "seed"),
+               "answer": ("question", "questions", "rank", "answer_list", "k", "beams", "max_length", "min_length"),
+               "itm": ("text", "texts"), "embed": ("text", "texts"),
+               "classify": ("labels", "labels_file", "template", "k", "rerank", "truth")}
+FILE_OPTIONS = ("questions", "answer_list", "texts", "labels_file", "truth")
 FIELDS = {"caption": ["image", "caption"], "answer": ["image", "question", "answer"],
           "itm": ["image", "text", "itm", "itc"], "classify": ["image", "labels", "scores", "label"],
           "search": ["query", "rank", "image", "score", "itc"]}
@@ -63,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blip", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--checkpoint", help="original .pth, our .safetensors or a transformers directory "
-                                            "(none: random weights)")
+    model.add_argument("--checkpoint", help="original .pth, our .safetensors, a training output folder or its "
+                                            "checkpoint_latest.pt, or a transformers directory (none: random weights)")
     model.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                        help="model options (see blip.ModelConfig), e.g. vit=large image_size=480")
     model.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
@@ -74,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--batch-size", type=int, default=8)
     model.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (0: in-process)")
     model.add_argument("-o", "--output", help="stream rows to this .jsonl or .csv (resumable)")
+    model.add_argument("--overwrite", action="store_true",
+                       help="move an existing output (and its summary) aside to STEM.old-TIME.EXT and start afresh "
+                            "(without it, an output of another request is refused)")
     model.add_argument("--json", action="store_true", help="printed rows: one JSON object per line")
     model.add_argument("--no-progress", action="store_true", help="no progress bar")
     model.add_argument("-v", "--verbose", action="store_true", help="log what the checkpoint loader did")
@@ -81,12 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("images", nargs="+", metavar="SOURCE",
                         help="image files, folders, globs, a .txt of paths, a .json annotation file, .tar shards")
     itc = argparse.ArgumentParser(add_help=False)
-    itc.add_argument("--task", default="itm", choices=["itm", "retrieval", "pretrain"],
+    itc.add_argument("--task", choices=ITC_TASKS,
                      help="the model class the checkpoint is loaded into (itm: [CLS] first for ITM; "
-                          "retrieval/pretrain: [ENC] first)")
+                          "retrieval/pretrain: [ENC] first); default: the task the checkpoint names, else itm")
+
+    def own_task(task):  # caption/answer: --task only to load a checkpoint of another task as this one
+        one = argparse.ArgumentParser(add_help=False)
+        one.add_argument("--task", choices=[task], help=f"load a checkpoint saved as another task as a {task} "
+                                                        f"model anyway (its weights must fit)")
+        return one
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("caption", parents=[images, model], help="caption images (beam search or nucleus sampling)")
+    c = sub.add_parser("caption", parents=[images, model, own_task("caption")], help="caption images (beam search or nucleus sampling)")
     c.add_argument("--beams", type=int, default=3)
     c.add_argument("--max-length", type=int, default=20, help="tokens, the prompt's included")
     c.add_argument("--min-length", type=int, default=5)
@@ -98,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt", help="default: the model's ('a picture of ')")
     c.add_argument("--seed", type=int, default=0, help="sampling seed")
 
-    a = sub.add_parser("answer", parents=[images, model], help="answer questions about images (VQA)")
+    a = sub.add_parser("answer", parents=[images, model, own_task("vqa")], help="answer questions about images (VQA)")
     q = a.add_mutually_exclusive_group(required=True)
     q.add_argument("--question", help="one question for every image")
     q.add_argument("--questions", help="per-image questions: JSON {image: question} / [{image, question}] or CSV")
@@ -153,16 +175,37 @@ def read_lines(path) -> list[str]:
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def model_task(args) -> str:
+    """The task the checkpoint is loaded as: --task if given (a stored task that differs: a warning; the weights
+    must still fit), else the task the checkpoint names if the command runs it, else the command's default. A
+    checkpoint of a task the command does not run is refused by name: a VQA model is no captioner."""
+    from .checkpoint import read_metadata
+    allowed = ITC_TASKS if args.command not in COMMAND_TASK else (COMMAND_TASK[args.command],)
+    stored = read_metadata(args.checkpoint).get("task") if args.checkpoint is not None else None
+    if args.task is not None:
+        if stored is not None and stored != args.task:
+            print(f"warning: {args.checkpoint} was saved as a {stored!r} model; loading it as --task {args.task}",
+                  file=sys.stderr)
+        return args.task
+    if stored is None:
+        return allowed[0]
+    if stored not in allowed:
+        runs = " or ".join(repr(t) for t in allowed)
+        raise ValueError(f"{args.checkpoint} holds a {stored!r} model; `blip {args.command}` runs {runs} models "
+                         f"(--task {allowed[0]} loads it as one anyway, if its weights fit)")
+    return stored
+
+
 def load(task: str, args, device):
+    """The `task` model (see model_task) of --checkpoint and --set, on `device`, in eval mode."""
     import torch
 
-    from . import load_model
-    from .checkpoint import read_metadata
+    from . import load_model, stored_description
     options = parse_sets(args.set)
     if args.checkpoint is None:
         print(f"warning: no --checkpoint given: the {task} model has RANDOM weights, its outputs mean nothing",
               file=sys.stderr)
-    stored = args.checkpoint is not None and bool(read_metadata(args.checkpoint))  # carries its sizes
+    stored = bool(stored_description(args.checkpoint))  # the checkpoint carries its sizes
     if "image_size" not in options and not stored:
         options["image_size"] = DEFAULT_IMAGE_SIZE[task]
     model = load_model(task, args.checkpoint, **options).to(device).eval()
@@ -180,11 +223,11 @@ def main(argv=None) -> int:
         parser.error("--rank and --answer-list go together")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .checkpoint import CheckpointMismatchError
+    from .errors import one_line, user_errors
     try:
         return run(args)
-    except (FileNotFoundError, ValueError, TypeError, ImportError, CheckpointMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except user_errors() as e:
+        print(one_line(e), file=sys.stderr)
         return 2
 
 
@@ -212,6 +255,9 @@ def run(args) -> int:
     from .tokenizer import pre_caption, pre_question
 
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    if args.checkpoint is not None:  # a training folder: the weights file it holds, named in every message
+        from .checkpoint import resolve_checkpoint
+        args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if not args.output and args.command != "search":
             raise ValueError("under torchrun give --output: the ranks' parts are merged into it")
@@ -226,6 +272,55 @@ def run(args) -> int:
         dist.cleanup()
 
 
+def request_of(args, model, precision) -> dict:
+    """What every row of an output depends on: the command, the model (task, checkpoint file, --set), precision
+    and the command's row options (files by identity). Kept in the output's side file; see stream_to_file."""
+    from .checkpoint import file_identity
+    req = {"command": args.command, "task": model.task,
+           "checkpoint": None if args.checkpoint is None else file_identity(args.checkpoint),
+           "set": list(args.set), "precision": precision}
+    for opt in ROW_OPTIONS.get(args.command, ()):
+        value = getattr(args, opt)
+        req[opt] = file_identity(value) if opt in FILE_OPTIONS and value else value
+    return req
+
+
+def model_identity(model, args) -> dict:
+    """What a gallery's features come from: `search` embeds its queries with the same model or refuses."""
+    from .checkpoint import file_identity
+    return {"task": model.task, "model_config": model.cfg.to_dict(), "embed_dim": model.cfg.embed_dim,
+            "checkpoint": None if args.checkpoint is None else file_identity(args.checkpoint)}
+
+
+def check_gallery(gallery: dict, path, model, args):
+    """A gallery embedded by another model (or of another width) ranks meaninglessly: refused in one line."""
+    width = gallery["image_embeds"].shape[1]
+    if width != model.cfg.embed_dim:
+        raise ValueError(f"{path}: features {width} wide, this model's are {model.cfg.embed_dim}: embedded by "
+                         f"another model; search with the model that embedded it")
+    stored = gallery.get("model")
+    if stored is None:
+        print(f"warning: {path} does not say which model embedded it (an older blip?): the same one is assumed",
+              file=sys.stderr)
+        return
+    from .inference.outputs import differing
+    diff = differing(stored, json.loads(json.dumps(model_identity(model, args))))
+    if diff:
+        made = stored.get("checkpoint") or ["random weights"]
+        raise ValueError(f"{path}: embedded by another model ({', '.join(diff)} differ: it was made by "
+                         f"{stored.get('task')!r} from {made[0]}); search with that model or embed again")
+
+
+def _overwrite(args, inf, dist):
+    """--overwrite: rank 0 moves the earlier output aside before any rank reads what it holds."""
+    if args.output and args.overwrite:
+        if dist.is_main():
+            aside = inf.outputs.move_output_aside(args.output)
+            if aside:
+                print(f"--overwrite: the earlier {args.output} moved aside to {aside}", file=sys.stderr)
+        dist.barrier()
+
+
 def _texts(args) -> list[str] | None:
     texts = list(args.text or [])
     if getattr(args, "texts", None):
@@ -235,12 +330,13 @@ def _texts(args) -> list[str] | None:
 
 def _run(args, device, precision, dist, inf, pre_caption, pre_question) -> int:
     common = dict(precision=precision, workers=args.workers)
+    settings = {"precision": precision, "device": device.type}
     if args.command == "search":
         return _search(args, device, common, dist, inf)
     items = inf.collect(args.images) if args.images else []
     text_field, clean, extra = None, None, None
     if args.command == "caption":
-        model = load("caption", args, device)
+        model = load(model_task(args), args, device)
         rows_of = lambda its, bad: inf.caption(  # noqa: E731
             model, its, batch_size=args.batch_size, num_beams=args.beams, max_length=args.max_length,
             min_length=args.min_length, repetition_penalty=args.repetition_penalty, sample=args.sample,
@@ -252,9 +348,16 @@ def _run(args, device, precision, dist, inf, pre_caption, pre_question) -> int:
     elif args.command == "answer":
         answers = read_answer_list(args.answer_list) if args.rank else None
         if args.questions:
-            items = inf.with_texts(items, args.questions)
+            asked = inf.with_texts(items, args.questions)
+            listed = {it.id for it in asked}
+            without = [it.id for it in items if it.id not in listed]
+            if without:  # named, not skipped in silence
+                print(f"warning: {args.questions} has no question for {len(without)} of the {len(items)} images "
+                      f"(not answered): {', '.join(without[:10])}{' ...' if len(without) > 10 else ''}",
+                      file=sys.stderr)
+            items, settings["without_question"] = asked, without
             text_field, clean = "question", pre_question
-        model = load("vqa", args, device)
+        model = load(model_task(args), args, device)
         rows_of = lambda its, bad: inf.answer(  # noqa: E731
             model, its, args.question, batch_size=args.batch_size, method="rank" if args.rank else "generate",
             answer_list=answers, k=args.k, num_beams=args.beams, max_length=args.max_length,
@@ -266,7 +369,7 @@ def _run(args, device, precision, dist, inf, pre_caption, pre_question) -> int:
             text_field, clean = "text", pre_caption
             if not any(it.text for it in items):
                 raise ValueError("itm needs --text (every image x every text) or a JSON annotation file of pairs")
-        model = load(args.task, args, device)
+        model = load(model_task(args), args, device)
         rows_of = lambda its, bad: inf.itm(model, its, texts, batch_size=args.batch_size,  # noqa: E731
                                            unreadable=bad, **common)
         fields = FIELDS["itm"]
@@ -274,7 +377,7 @@ def _run(args, device, precision, dist, inf, pre_caption, pre_question) -> int:
         return _embed(args, device, common, dist, inf, items)
     else:  # classify
         labels = _labels(args, items, inf)
-        model = load(args.task, args, device)
+        model = load(model_task(args), args, device)
         templates = tuple(args.template) if args.template else inf.DEFAULT_TEMPLATES
         rows_of = lambda its, bad: inf.classify(  # noqa: E731
             model, its, labels, templates=templates, k=args.k, rerank=args.rerank, batch_size=args.batch_size,
@@ -290,9 +393,10 @@ def _run(args, device, precision, dist, inf, pre_caption, pre_question) -> int:
     if not items:
         raise ValueError(f"no images in {args.images}")
     if args.output:
+        _overwrite(args, inf, dist)
         summary = inf.stream_to_file(rows_of, items, args.output, fields, text_field=text_field, clean=clean,
-                                     progress=not args.no_progress, extra_summary=extra,
-                                     settings={"precision": precision, "device": device.type})
+                                     progress=not args.no_progress, extra_summary=extra, settings=settings,
+                                     request=request_of(args, model, precision))
         inf.print_summary(summary)
         if summary is not None and summary["done_now"] == 0 and summary["already_done"] == 0 and summary["unreadable"]:
             return 2
@@ -334,11 +438,14 @@ def _embed(args, device, common, dist, inf, items) -> int:
         raise ValueError("embed needs --output FILE.safetensors (or FILE.npy)")
     if not items and texts is None:
         raise ValueError("embed needs image sources and/or --text/--texts")
-    model = load(args.task, args, device)
+    model = load(model_task(args), args, device)
     rows_of = lambda its, bad: inf.embed_images(model, its, batch_size=args.batch_size,  # noqa: E731
                                                 unreadable=bad, **common)
     texts_rows = None if texts is None else inf.embed_texts(model, texts, precision=common["precision"])
-    summary = inf.embed_to_file(rows_of, items, args.output, texts_rows=texts_rows, progress=not args.no_progress)
+    _overwrite(args, inf, dist)
+    summary = inf.embed_to_file(rows_of, items, args.output, texts_rows=texts_rows, progress=not args.no_progress,
+                                request=request_of(args, model, common["precision"]),
+                                model=model_identity(model, args))
     inf.print_summary(summary, "embedded")
     return 0
 
@@ -350,7 +457,8 @@ def _search(args, device, common, dist, inf) -> int:
     gallery = inf.read_embeddings(args.gallery)
     if "image_embeds" not in gallery:
         raise ValueError(f"{args.gallery}: holds no image embeddings")
-    model = load(args.task, args, device)
+    model = load(model_task(args), args, device)
+    check_gallery(gallery, args.gallery, model, args)
     bad = []
     rows = inf.search(model, gallery["image_ids"], gallery["image_embeds"].to(device), queries, k=args.k,
                       rerank=args.rerank, use_faiss=True if args.faiss else None, unreadable=bad, **common)

@@ -83,9 +83,24 @@ def to_transformers_keys(sd: dict) -> dict:
     return _rename(sd, _TO_HF)
 
 
+TRAINING_WEIGHTS = ("model_best.safetensors", "checkpoint_latest.pt")  # a training folder's, in order of preference
+
+
+def resolve_checkpoint(src):
+    """A training output folder -> its best epoch's weights (model_best.safetensors), else its latest training
+    state (checkpoint_latest.pt); anything else unchanged."""
+    if isinstance(src, (str, Path)) and Path(src).is_dir():
+        for name in TRAINING_WEIGHTS:
+            if (Path(src) / name).exists():
+                return Path(src) / name
+    return src
+
+
 def read_state_dict(src) -> tuple[dict, dict]:
-    """A checkpoint (path, directory or dict) -> (state dict in our names, metadata)."""
+    """A checkpoint (path, training folder, transformers directory or dict) -> (state dict in our names,
+    metadata). A training state (checkpoint_latest.pt) gives its model's weights."""
     meta = {}
+    src = resolve_checkpoint(src)
     if isinstance(src, dict):
         sd = src
     else:
@@ -114,9 +129,11 @@ def read_state_dict(src) -> tuple[dict, dict]:
 
 
 def read_metadata(path) -> dict:
-    """The model description a checkpoint carries (our safetensors metadata, a transformers config.json),
-    without reading its tensors."""
-    path = Path(path)
+    """The model description a checkpoint carries (our safetensors metadata, a training state's task and model
+    config, a transformers config.json), without reading its tensors into memory."""
+    path = Path(resolve_checkpoint(path))
+    if path.suffix == ".pt" and path.is_file():
+        return _training_state_metadata(path)
     if path.is_dir() and (path / "config.json").exists():
         return {"transformers_config": json.loads((path / "config.json").read_text())}
     if path.suffix == ".safetensors":
@@ -125,6 +142,27 @@ def read_metadata(path) -> dict:
             meta = dict(f.metadata() or {})
         return json.loads(meta["blip"]) if "blip" in meta else {}
     return {}
+
+
+def _training_state_metadata(path: Path) -> dict:
+    """{task, model_config} of a training state (blip.engine's checkpoint_latest.pt; one written before they were
+    stored: from its config's task and model keys); {} for any other .pt."""
+    try:  # mapped, not read: the optimizer's state may be twice the weights
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return {}  # not ours (an original .pth saved as .pt, ...): read_state_dict says what is wrong with it
+    if not isinstance(state, dict) or "progress" not in state or "model" not in state:
+        return {}
+    if "task" in state:
+        return {"task": state["task"], "model_config": state["model_config"]}
+    from .config import MODEL_KEYS
+    from .models import PRESETS, TASKS
+    config = state.get("config") or {}
+    keys = {k: v for k, v in config.items() if k in MODEL_KEYS and k != "preset"}
+    meta = {"model_config": {**PRESETS.get(config.get("preset"), {}), **keys}}
+    if config.get("task") in TASKS:
+        meta["task"] = config["task"]
+    return meta
 
 
 def _read_file(path: Path):
@@ -141,10 +179,20 @@ def _read_file(path: Path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointMismatchError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointMismatchError(f"{path}: not a readable checkpoint ({_load_failure(e)})") from e
     if not isinstance(obj, dict):
         raise CheckpointMismatchError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return obj, {}
+
+
+def _load_failure(e: Exception) -> str:
+    """torch.load's reason in one line: its weights_only refusal is a page of advice around the one fact that
+    matters (which class the pickle holds); any other reason: its first line, without terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it pickles {found.group(1)}, not only tensors: save a state dict instead"
+    return f"{type(e).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
 
 
 # Cross-attention that reads text states, not the image: the VQA answer decoder attends to the question
@@ -331,6 +379,26 @@ def atomic_write(path, write_fn):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_identity(path) -> list:
+    """[absolute path, size, mtime_ns]: which file, as it is now (a file rewritten in place is another one)."""
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def move_aside(path) -> Path:
+    """Rename a file or folder to `NAME.old-YYYYmmdd-HHMMSS` (a file keeps its extension last: caps.old-….jsonl;
+    a counter is added if the name is taken). Refusing or moving, never deleting: nothing earlier is lost."""
+    import time
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem, ext = (path.stem, path.suffix) if path.is_file() else (path.name, "")
+    aside, n = path.with_name(f"{stem}.old-{stamp}{ext}"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{stem}.old-{stamp}-{n}{ext}"), n + 1
+    path.rename(aside)
+    return aside
 
 
 def save_weights(model, path):

@@ -130,6 +130,10 @@ class Config:
 _CHOICES = {"vit": ("base", "large"), "precision": PRECISIONS, "rerank_precision": PRECISIONS,
             "inference": ("rank", "generate"), "filter_task": ("retrieval", "itm"),
             "schedule": (None, *SCHEDULES), "preset": tuple(PRESETS)}
+# counts that divide or size something: 0 would fail far from the config (a ZeroDivisionError in the engine)
+_AT_LEAST = {"batch_size": 1, "batch_size_train": 1, "batch_size_test": 1, "grad_accum_steps": 1, "max_epoch": 0,
+             "num_workers": 0, "log_every": 1, "save_every_steps": 0, "shard_size": 1, "k_test": 1, "num_beams": 1,
+             "num_captions": 1, "max_words": 1}
 _yaml = YAML(typ="safe")
 _CONFIG_KEYS = {f.name for f in dataclasses.fields(Config)} - {"model"}
 MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
@@ -158,6 +162,8 @@ def _check(name: str, value: Any, where: str) -> Any:
         raise TypeError(f"{where}: config key '{name}' expects {names}, got {value!r}")
     if name in _CHOICES and value not in _CHOICES[name]:
         raise ValueError(f"{where}: config key '{name}' must be one of {_CHOICES[name]}, got {value!r}")
+    if name in _AT_LEAST and value is not None and value < _AT_LEAST[name]:
+        raise ValueError(f"{where}: config key '{name}' must be at least {_AT_LEAST[name]}, got {value!r}")
     return value
 
 
@@ -236,6 +242,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         metavar="KEY=VALUE", help="override config keys, e.g. --set init_lr=1e-4")
     parser.add_argument("--output-dir", default=None, help="overrides the config's output_dir")
     parser.add_argument("--resume", default=None, help="checkpoint to resume, or 'latest'")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an output folder that holds a run: the old one is moved aside "
+                             "(DIR.old-TIME), never deleted")
+    parser.add_argument("--debug", action="store_true", help="a bad input raises with its traceback")
     parser.add_argument("--evaluate", action="store_true", help="evaluate only, no training")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step (= --set compile=true)")

@@ -137,6 +137,13 @@ class UnreadableEvalImages(RuntimeError):
     """An evaluation dataset met unreadable images: evaluation stops, naming every one."""
 
 
+class NoReadableImage(RuntimeError):
+    """A training dataset none of whose images can be read (a wrong image_root, most often)."""
+
+
+NAMED_BAD_IMAGES = 10  # unreadable images named one by one in the log, per process; the rest are counted
+
+
 class SkipsBadImages:
     """Mixin: `load_image` returns None for an unreadable image, after logging and counting it."""
 
@@ -165,7 +172,11 @@ class SkipsBadImages:
             self._recent.append(name)
             if name not in self.bad_images:
                 self.bad_images.append(name)
-                log.warning("skipping unreadable image %s", e)
+                if len(self.bad_images) <= NAMED_BAD_IMAGES:
+                    log.warning("skipping unreadable image %s", e)
+                if len(self.bad_images) == NAMED_BAD_IMAGES:
+                    log.warning("further unreadable images are counted, not named here (the epoch's data report "
+                                "in metrics.jsonl lists them)")
             return None
         return self.transform(img) if self.transform is not None else img
 
@@ -249,7 +260,11 @@ class ImageDataset(SkipsBadImages, Dataset):
             sample = self.load((index + k) % n)
             if sample is not None:
                 return sample
-        raise RuntimeError(f"{type(self).__name__}: no readable image in the dataset")
+        root = getattr(self, "image_root", None)
+        where = f"under config key 'image_root' ({root!r})" if root else "at the paths its annotation files give"
+        raise NoReadableImage(f"{type(self).__name__} ({getattr(self, 'ann_file', '?')}): no readable image in the "
+                              f"dataset: all {len(self.bad_images)} tried are unreadable (first: "
+                              f"{self.bad_images[0] if self.bad_images else '?'}); are the images {where}?")
 
 
 # ---- pretraining ----

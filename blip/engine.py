@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 
 from . import distributed as dist
 from .batches import Batch
-from .checkpoint import atomic_write, save_weights
+from .checkpoint import CheckpointMismatchError, atomic_write, save_weights
 from .precision import autocast  # noqa: F401  (the engine's precision switch; also imported from here)
 from .schedules import SCHEDULES
 
@@ -311,7 +311,9 @@ def save_training_state(path, model, optimizer, scaler, progress, cfg):
     if dist.is_main():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
-                 "progress": progress, "rng": rngs, "config": cfg.to_dict()}
+                 "progress": progress, "rng": rngs, "config": cfg.to_dict(),
+                 # what the weights are, as save_weights' metadata: `blip` and load_model read them from here too
+                 "task": model.task, "model_config": model.cfg.to_dict()}
         atomic_write(path, lambda tmp: (torch.save(state, tmp), _keep_previous(path)))
     dist.barrier()
 
@@ -341,7 +343,7 @@ def load_training_state(path, model, optimizer, scaler):
     except Exception as e:  # a truncated or corrupt file: say which, and what to resume from instead
         fallback = previous_checkpoint(path)
         hint = f"; resume from the one before it: --resume {fallback}" if fallback.exists() else ""
-        raise RuntimeError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}){hint}") from e
+        raise CheckpointMismatchError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}){hint}") from e
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state["scaler"] is not None:
@@ -509,6 +511,9 @@ def fit(task, model, dataset, out_dir, *, evaluate=None, resume=None, device=Non
     (tests, smoke runs). Returns the last epoch's metrics."""
     run = setup(task, model, dataset, out_dir, resume, device)
     cfg, metrics_log, metrics = run.cfg, MetricsLog(run.out_dir / "metrics.jsonl"), {}
+    if resume and run.progress["epoch"] >= cfg.max_epoch:
+        log.warning("the resumed run is already complete (%d of %d epochs trained): nothing to train; raise "
+                    "max_epoch to train on", run.progress["epoch"], cfg.max_epoch)
     for epoch in range(run.progress["epoch"], cfg.max_epoch):
         model.train()
         first = run.progress["step"]

@@ -11,17 +11,27 @@ import json
 import logging
 import math
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import distributed as dist
+from .checkpoint import move_aside
 from .config import add_config_args, config_from_args, save_config
+from .errors import OutputExistsError
 
 
-def start_run(description: str, argv=None, prepare=None):
-    """-> (args, cfg, device, out). `prepare(cfg)` makes data the config describes (the offline shapes world)."""
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint_latest.pt")  # any of them: the folder holds a run
+
+
+def start_run(description: str, argv=None, prepare=None, *, fresh_output=False, reads_roots=False,
+              write_output=True):
+    """-> (args, cfg, device, out). `prepare(cfg)` makes data the config describes (the offline shapes world).
+    Nothing is written to the output folder before the inputs are known good (roots, checkpoints). fresh_output:
+    a folder that holds a run is refused unless --resume or --overwrite (which moves the old run aside).
+    write_output=False: the caller calls open_output once it has read its checkpoints."""
     args = add_config_args(argparse.ArgumentParser(description=description)).parse_args(argv)
     cfg = config_from_args(args)
     _, _, _, device = dist.init_distributed(args.device)
@@ -32,15 +42,65 @@ def start_run(description: str, argv=None, prepare=None):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    out = Path(cfg.output_dir)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if prepare is not None:
         prepare(cfg)
+    check_inputs(cfg, args.resume, reads_roots)
+    out = Path(cfg.output_dir)
+    if fresh_output:
+        check_output_dir(out, args.resume, args.overwrite)
+    if write_output:
+        open_output(out, cfg, args, fresh_output)
     return args, cfg, device, out
+
+
+def open_output(out: Path, cfg, args, fresh_output=False):
+    """Make the output folder and write config.yaml (--overwrite: the run there moved aside first)."""
+    dist.barrier()  # every rank has checked the folder before rank 0 moves or writes anything
+    if dist.is_main():
+        if fresh_output and args.overwrite and holds_run(out):
+            print(f"--overwrite: the run in {out} moved aside to {move_aside(out)}", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    dist.barrier()
+
+
+def check_inputs(cfg, resume=None, reads_roots=False):
+    """The files and folders the config names exist (each named once, by its key), before anything is written.
+    reads_roots: the task reads annotation files under ann_root and images under the roots (pretraining's JSON
+    lists name their images themselves)."""
+    for key in ("image_root", "ann_root", "vqa_root", "vg_root", "coco_gt_root") if reads_roots else ():
+        value = getattr(cfg, key)
+        if value and not Path(value).is_dir():
+            raise FileNotFoundError(f"config key '{key}': no folder {value}")
+    for key in ("pretrained", "captioner", "filter"):
+        value = getattr(cfg, key)
+        if value and not Path(value).exists():
+            raise FileNotFoundError(f"config key '{key}': checkpoint not found: {value}")
+    if resume and resume != "latest" and not Path(resume).exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {resume}")
+    if resume == "latest" and not (Path(cfg.output_dir) / "checkpoint_latest.pt").exists():
+        raise FileNotFoundError(f"--resume latest: no checkpoint_latest.pt in {cfg.output_dir}")
+
+
+def holds_run(out: Path) -> bool:
+    return any((Path(out) / name).exists() for name in RUN_FILES)
+
+
+def check_output_dir(out: Path, resume=None, overwrite=False):
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run, or move it aside")
+    if holds_run(out) and not (resume or overwrite):
+        raise OutputExistsError(f"{out} holds a run ({', '.join(n for n in RUN_FILES if (out / n).exists())}): "
+                                f"--resume latest to continue it, --overwrite to move it aside and start afresh, "
+                                f"or another --output-dir")
+
+
+def describe(task_cls) -> str:
+    """`--help`'s description: the first paragraph of the task's docstring (or its module's)."""
+    doc = task_cls.__doc__ or sys.modules[task_cls.__module__].__doc__ or task_cls.__name__
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 def evaluator(task, out: Path):
@@ -68,9 +128,11 @@ def evaluator(task, out: Path):
 def run(task_cls, argv=None, *, prepare=None) -> dict:
     """Train (or with --evaluate, evaluate) `task_cls` as the flags say; prints and returns the last metrics."""
     from .engine import fit
-    args, cfg, device, out = start_run((task_cls.__doc__ or task_cls.__name__).strip(), argv, prepare)
+    args, cfg, device, out = start_run(describe(task_cls), argv, prepare, fresh_output=True,
+                                       reads_roots=bool(task_cls.ann_files), write_output=False)
     task = task_cls(cfg)
-    model = task.build_model().to(device)
+    model = task.build_model().to(device)  # the checkpoint read before anything is written
+    open_output(out, cfg, args, fresh_output=True)
     evaluate = evaluator(task, out)
     if args.evaluate:
         metrics = evaluate(model, -1)
@@ -78,6 +140,7 @@ def run(task_cls, argv=None, *, prepare=None) -> dict:
         metrics = fit(task, model, task.train_data(model), out, evaluate=evaluate, resume=args.resume, device=device)
     if dist.is_main():
         if metrics:
+            print(f"results ({out}):")
             print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1))
         plot_losses(out / "metrics.jsonl", out / "loss_curve.png")
     dist.cleanup()

@@ -43,6 +43,10 @@ def run_step(name, script, config, out, sets, a):
     cmd = [*launcher, str(ROOT / script), "--config", str(ROOT / "configs" / config), "--output-dir", str(out)]
     if a.device:
         cmd += ["--device", a.device]
+    if script != "capfilt.py" and (out / "checkpoint_latest.pt").exists():
+        cmd += ["--resume", "latest"]  # a step killed part-way continues (a run folder is refused otherwise)
+    elif script != "capfilt.py" and (out / "config.yaml").exists():
+        cmd += ["--overwrite"]  # killed before its first checkpoint: start afresh, the old folder moved aside
     # the step's own keys (data paths, pretrained, the equal-budget max_epoch) win over the user's --set
     sets = (list(a.sets) if script != "capfilt.py" else list(a.capfilt_sets)) + list(sets)
     if sets:

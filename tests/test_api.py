@@ -179,7 +179,44 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, pngs, capsys):
                                     "--device", "cpu"])
     assert code == 2 and "vision_widht" in err
     code, _, err = run_cli(capsys, ["itm", pngs[0], "--text", "a dog", "--checkpoint", path, "--device", "cpu"])
-    assert code == 2 and "missing key" in err  # a caption checkpoint is no ITM model
+    assert code == 2 and "holds a 'caption' model" in err  # a caption checkpoint is no ITM model
+    code, _, err = run_cli(capsys, ["itm", pngs[0], "--text", "a dog", "--checkpoint", path, "--device", "cpu",
+                                    "--task", "itm"])
+    assert code == 2 and "missing key" in err  # asked for: loaded as one, and its weights do not fit
     with pytest.raises(SystemExit):
         main(["answer", str(pngs[0]), "--question", "what", "--rank"])  # --rank without --answer-list
     assert "--answer-list" in capsys.readouterr().err
+
+
+def test_a_training_folder_and_its_latest_state_load_as_the_model_they_hold(tmp_path, pngs, capsys, caplog):
+    from blip.engine import fit
+    from blip.tasks import PretrainTask
+    from tests._tiny import PairData, tiny_config, tiny_model
+    cfg = tiny_config(task="pretrain", batch_size=4, max_epoch=1, queue_size=8, num_workers=0, seed=1)
+    trained = tiny_model(PretrainTask, cfg)
+    out = tmp_path / "run"
+    fit(PretrainTask(cfg), trained, PairData(8), out)
+    want = trained.state_dict()
+    latest = out / "checkpoint_latest.pt"
+    state = torch.load(latest, weights_only=True)
+    assert state["task"] == "pretrain" and state["model_config"] == trained.cfg.to_dict()
+
+    for src in (latest, out):  # no model_best yet: the folder means its latest training state
+        model = blip.load_model(None, src)  # the task and sizes it names
+        assert model.task == "pretrain" and model.cfg == trained.cfg
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    itm = blip.load_model("itm", out)  # another task: loads when the weights fit, with a warning
+    assert torch.equal(itm.state_dict()["visual_encoder.cls_token"], want["visual_encoder.cls_token"])
+
+    best = blip.load_model("pretrain", latest)
+    with torch.no_grad():
+        best.visual_encoder.cls_token.add_(1.0)
+    blip.save_weights(best, out / "model_best.safetensors")
+    assert torch.equal(blip.load_model(None, out).visual_encoder.cls_token, best.visual_encoder.cls_token)
+
+    # the command line: a folder or checkpoint_latest.pt, as the task they name (ITC + ITM: pretrain's [ENC])
+    for src in (out, latest):
+        code, stdout, err = run_cli(capsys, ["itm", pngs[0], "--text", "a dog", "--checkpoint", src, "--device",
+                                             "cpu", "--json"])
+        assert code == 0, err
+        assert json_lines(stdout)[0]["image"] == str(pngs[0])

@@ -89,7 +89,7 @@ def test_folder_with_broken_images_streams_47_rows_and_names_3(folder, captioner
     assert [r["image"] for r in rows] == good  # input order (sorted, recursive), the broken ones left out
     for name in BROKEN:
         assert name.split("/")[1] in err
-    summary = json.loads((tmp_path / "caps.summary.json").read_text())
+    summary = json.loads((tmp_path / "caps.jsonl.summary.json").read_text())
     assert summary["done_now"] == 47 and summary["already_done"] == 0
     assert sorted(Path(b["image"]).name for b in summary["unreadable"]) == sorted(Path(b).name for b in BROKEN)
     # the captions are the model's, image by image (an independent path: load_images + generate)
@@ -98,7 +98,7 @@ def test_folder_with_broken_images_streams_47_rows_and_names_3(folder, captioner
     # rerun: everything is done, nothing is written twice
     assert cli(["caption", folder, "--checkpoint", ckpt, "-o", out, "--workers", 0, *CAPTION]) == 0
     assert inference.read_rows(out) == rows
-    assert json.loads((tmp_path / "caps.summary.json").read_text())["already_done"] == 47
+    assert json.loads((tmp_path / "caps.jsonl.summary.json").read_text())["already_done"] == 47
 
 
 def test_killed_run_resumes_to_the_uninterrupted_output(folder, captioner, tmp_path, capsys):
@@ -121,7 +121,7 @@ def test_killed_run_resumes_to_the_uninterrupted_output(folder, captioner, tmp_p
         f.write('{"image": "' + str(folder) + '/red/img')
     assert cli([*args, "-o", cut]) == 0
     assert cut.read_text() == whole.read_text()
-    summary = json.loads((tmp_path / "cut.summary.json").read_text())
+    summary = json.loads((tmp_path / "cut.jsonl.summary.json").read_text())
     assert summary["already_done"] == written and summary["done_now"] == 47 - written
     capsys.readouterr()
 
@@ -133,7 +133,7 @@ def test_two_gloo_ranks_write_what_one_process_writes(folder, captioner, tmp_pat
     launch("-m", "blip", *args, "-o", tmp_path / "two.jsonl", nproc=2, cwd=ROOT)
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert not list(tmp_path.glob("*.part*"))  # the ranks' parts were merged and removed
-    summary = json.loads((tmp_path / "two.summary.json").read_text())
+    summary = json.loads((tmp_path / "two.jsonl.summary.json").read_text())
     assert summary["ranks"] == 2 and summary["done_now"] == 47 and len(summary["unreadable"]) == 3
     capsys.readouterr()
 
@@ -161,14 +161,14 @@ def test_every_output_format_reads_back(folder, captioner, matcher, tmp_path, ca
     kj, kc = inference.read_rows(tmp_path / "k.jsonl"), inference.read_rows(tmp_path / "k.csv")
     assert [r["labels"] for r in kc] == [r["labels"] for r in kj] and [r["label"] for r in kc] == [r["label"] for r in kj]
     assert all(set(r["labels"]) <= set(COLORS) for r in kj)
-    summary = json.loads((tmp_path / "k.summary.json").read_text())
+    summary = json.loads((tmp_path / "k.jsonl.summary.json").read_text())
     assert summary["accuracy_n"] == 47
     top1 = 100 * np.mean([r["labels"][0] == r["label"] for r in kj])
     assert summary["accuracy_top1"] == pytest.approx(top1)
     # --k above the number of labels: top-k accuracy over all of them (100%), the k the rows hold
     assert cli(["classify", folder, "--checkpoint", ckpt, "-o", tmp_path / "k5.jsonl", "--k", 5, "--no-progress",
                 "--device", "cpu"]) == 0
-    summary = json.loads((tmp_path / "k5.summary.json").read_text())
+    summary = json.loads((tmp_path / "k5.jsonl.summary.json").read_text())
     assert summary["k"] == 3 and summary["accuracy_topk"] == 100.0
     # embeddings: safetensors and .npy + ids, equal to the ITC features computed directly
     x = blip.load_images(good, 32)
@@ -255,3 +255,93 @@ def test_bf16_runs_every_command_on_bfloat16_weights_near_fp32(folder, captioner
     c16 = inference.read_rows(tmp_path / "c_bf16.jsonl")
     assert len(c16) == len(inference.read_rows(tmp_path / "c_fp32.jsonl")) and all(r["caption"] for r in c16)
     capsys.readouterr()
+
+
+def test_a_rerun_with_another_request_is_refused_naming_what_differs(folder, captioner, tmp_path, capsys):
+    _, ckpt = captioner
+    sub, out = folder / "blue", tmp_path / "caps.jsonl"
+    args = ["caption", sub, "--checkpoint", ckpt, *CAPTION, "--workers", 0]
+    assert cli([*args, "-o", out]) == 0
+    assert cli([*args, "-o", out]) == 0  # the same request resumes (all done)
+    written = out.read_bytes()
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(Path(ckpt).read_bytes())
+    for change, differs in ((["--beams", 3], "beams"), (["--sample"], "sample"), (["--bf16"], "precision"),
+                            (["--checkpoint", copy], "checkpoint")):
+        capsys.readouterr()
+        assert cli([*args, *change, "-o", out]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} holds rows of another request ({differs} differ)" in err and "--overwrite" in err, err
+        assert out.read_bytes() == written  # refused: nothing appended
+    # a killed run is known by its request too: it is recorded before the first row
+    assert json.loads((tmp_path / "caps.jsonl.summary.json").read_text())["request"]["beams"] == 2
+    # --overwrite: the old output and its summary moved aside, never deleted; the new one made from scratch
+    assert cli([*args, "--beams", 3, "-o", out, "--overwrite"]) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("caps.old-") and p.name.endswith(".jsonl")]
+    assert len(aside) == 1 and aside[0].read_bytes() == written
+    assert json.loads(Path(f"{aside[0]}.summary.json").read_text())["request"]["beams"] == 2
+    summary = json.loads((tmp_path / "caps.jsonl.summary.json").read_text())
+    assert summary["request"]["beams"] == 3 and summary["done_now"] == summary["items"] - 1  # one broken image
+    # .jsonl and .csv of one stem keep a summary each
+    assert cli([*args, "--beams", 3, "-o", tmp_path / "caps.csv"]) == 0
+    assert json.loads((tmp_path / "caps.jsonl.summary.json").read_text())["output"] == str(out)
+    assert json.loads((tmp_path / "caps.csv.summary.json").read_text())["output"] == str(tmp_path / "caps.csv")
+    capsys.readouterr()
+
+
+def test_questions_name_the_images_they_do_not_cover(folder, tmp_path_factory, tmp_path, capsys):
+    _, ckpt = _saved(tmp_path_factory, "vqa")
+    good = [p for p in images_of(folder / "red") if not p.endswith(BROKEN)][:4]
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps({good[0]: "what colour is it?", good[2]: "is it red"}))
+    out = tmp_path / "a.jsonl"
+    assert cli(["answer", *good, "--questions", questions, "--checkpoint", ckpt, "-o", out, "--device", "cpu",
+                "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "has no question for 2 of the 4 images" in err and good[1] in err and good[3] in err
+    summary = json.loads((tmp_path / "a.jsonl.summary.json").read_text())
+    assert summary["without_question"] == [good[1], good[3]] and summary["done_now"] == 2
+    questions.write_text(json.dumps({good[0]: "how many?"}))  # another file content: another request
+    assert cli(["answer", *good, "--questions", questions, "--checkpoint", ckpt, "-o", out, "--device", "cpu",
+                "--no-progress"]) == 2
+    assert "questions differ" in capsys.readouterr().err
+
+
+def test_a_checkpoint_runs_as_the_task_it_names(folder, matcher, tmp_path_factory, tmp_path, capsys):
+    _, itm_ckpt = matcher
+    _, retrieval_ckpt = _saved(tmp_path_factory, "retrieval")
+    _, vqa_ckpt = _saved(tmp_path_factory, "vqa")
+    sub = folder / "red"
+    common = ["--text", "a red square", "--device", "cpu", "--no-progress", "--json", "--workers", 0]
+    rows = {}
+    for name, task in (("stored", []), ("retrieval", ["--task", "retrieval"]), ("itm", ["--task", "itm"])):
+        assert cli(["itm", sub, "--checkpoint", retrieval_ckpt, *common, *task]) == 0
+        out, err = capsys.readouterr()
+        rows[name] = [json.loads(line)["itm"] for line in out.splitlines()]
+        assert ("saved as a 'retrieval' model; loading it as --task itm" in err) == (name == "itm")
+    assert rows["stored"] == rows["retrieval"] != rows["itm"]  # [ENC] first, as it was trained
+    # a VQA checkpoint is no captioner: refused by name; asked for, it loads only if its weights fit (these do not:
+    # the micro answer decoder reads 16-wide question states, a captioner's decoder 24-wide image features)
+    assert cli(["caption", sub, "--checkpoint", vqa_ckpt, *CAPTION]) == 2
+    assert "holds a 'vqa' model; `blip caption` runs 'caption' models" in capsys.readouterr().err
+    assert cli(["caption", sub, "--checkpoint", vqa_ckpt, *CAPTION, "--task", "caption"]) == 2
+    err = capsys.readouterr().err
+    assert "saved as a 'vqa' model" in err and "does not fit the 'caption' model" in err
+
+    # a gallery knows its model: search with another (same width) or of another width is refused in one line
+    gallery = tmp_path / "g.safetensors"
+    assert cli(["embed", sub, "--checkpoint", itm_ckpt, "-o", gallery, "--device", "cpu", "--no-progress"]) == 0
+    assert inference.read_embeddings(gallery)["model"]["task"] == "itm"
+    search = ["search", "--gallery", gallery, "--query", "a red square", "--device", "cpu"]
+    assert cli([*search, "--checkpoint", itm_ckpt]) == 0
+    capsys.readouterr()
+    assert cli([*search, "--checkpoint", retrieval_ckpt]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "embedded by another model (checkpoint, task differ" in err
+    torch.manual_seed(0)
+    wide = blip.load_model("itm", preset="micro", embed_dim=24)
+    wide_ckpt = tmp_path / "wide.safetensors"
+    blip.save_weights(wide, wide_ckpt)
+    assert cli([*search, "--checkpoint", wide_ckpt]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "features" in err and "wide, this model's are 24" in err

@@ -101,7 +101,7 @@ def test_zero_shot_classify_and_search_on_the_trained_shapes_model(shapes_main_j
     assert main(["classify", str(tmp_path / "images.txt"), "--labels", "white,black,striped,checkered",
                  "--template", "a {} background", "--truth", str(truth),
                  "--k", "2", "-o", str(out), *map(str, common)]) == 0
-    summary = json.loads((tmp_path / "bg.summary.json").read_text())
+    summary = json.loads((tmp_path / "bg.jsonl.summary.json").read_text())
     assert summary["accuracy_n"] == 50 and summary["accuracy_top1"] >= 60.0, summary  # chance 25, measured 100
     gallery = tmp_path / "test.safetensors"
     assert main(["embed", str(tmp_path / "images.txt"), "-o", str(gallery), *map(str, common)]) == 0

@@ -141,6 +141,64 @@ def merge_parts(output, fields, order_key, row_key):
 
 
 def side_path(output, what: str = "summary") -> str:
-    """OUT.summary.json beside the output (for `caps.jsonl`: `caps.summary.json`)."""
-    stem, _ = os.path.splitext(str(output))
-    return f"{stem}.{what}.json"
+    """FILE.summary.json beside the output, after its whole name (`caps.jsonl.summary.json`), so outputs that
+    differ only in their extension keep their own."""
+    return f"{output}.{what}.json"
+
+
+def differing(old: dict, new: dict) -> list[str]:
+    """The request fields whose values differ (absent on one side counts)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def check_request(output, request: dict | None) -> None:
+    """Refuse to add rows to an output made by another request (another checkpoint, task, text, decoding,
+    precision...): its rows would mix two requests' answers under one name. The request is read from the
+    output's side file, which every run writes before its first row."""
+    from ..errors import OutputExistsError
+    earlier = os.path.exists(output) or part_files(output) or os.path.isdir(f"{output}.chunks")  # embed's chunks
+    if request is None or not earlier:
+        return
+    side = side_path(output)
+    try:
+        with open(side, encoding="utf-8") as f:
+            old = json.load(f).get("request")
+    except (OSError, ValueError):
+        old = None
+    if old is None:
+        import logging
+        logging.getLogger(__name__).warning("%s: no request recorded in %s (an older blip wrote it?): its rows are "
+                                            "taken as this request's", output, side)
+        return
+    diff = differing(old, json.loads(json.dumps(request)))  # as the side file holds it (tuples are lists)
+    if diff:
+        raise OutputExistsError(f"{output} holds rows of another request ({', '.join(diff)} differ): "
+                                f"--overwrite moves it aside, or give another -o")
+
+
+def write_side_file(output, record: dict) -> None:
+    """The side file, written whole or not at all."""
+    path = side_path(output)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def move_output_aside(output) -> str | None:
+    """--overwrite: the output, its side file, the parts and chunks a killed run left, moved aside together under
+    one new name (nothing deleted); returns that name, or None when there was nothing."""
+    from ..checkpoint import move_aside
+    if not os.path.exists(output):
+        for p in part_files(output):  # a killed torchrun run that never merged
+            move_aside(p)
+        return None
+    output = str(output)
+    aside = str(move_aside(output))
+    siblings = [(side_path(output), side_path(aside)), (output + ".chunks", aside + ".chunks")]
+    if output.endswith(".npy"):  # the ids and text features beside a .npy gallery
+        siblings += [(output[:-4] + s, aside[:-4] + s) for s in (".ids.json", ".text.npy")]
+    siblings += [(p, part_path(aside, int(p.rsplit(".rank-", 1)[1].split(".")[0]))) for p in part_files(output)]
+    for old, new in siblings:
+        if os.path.exists(old):
+            os.rename(old, new)
+    return aside

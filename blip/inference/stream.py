@@ -8,7 +8,9 @@
 * Under torchrun, rank r takes every world-th pending item and appends to its own part file; rank 0 then merges
   the parts into the output in input order (so 2 ranks write what 1 process writes).
 * Rows are flushed as they come; the summary (done, already done, every unreadable image with its reason,
-  images/s) is printed and written beside the output (`caps.summary.json`).
+  images/s) is printed and written beside the output (`caps.jsonl.summary.json`).
+* `request` (what the rows depend on: checkpoint, task, texts, decoding, precision) goes into that side file
+  before the first row; a rerun with another request into the same output is refused, naming what differs.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import time
 
 from .. import distributed as dist
 from .inputs import Item
-from .outputs import RowWriter, done_rows, merge_parts, part_path, side_path
+from .outputs import RowWriter, check_request, done_rows, merge_parts, part_path, side_path, write_side_file
 
 
 
@@ -34,15 +36,17 @@ def _key(image, text):
 
 
 def stream_to_file(rows_of, items: list[Item], output, fields, *, text_field=None, clean=None, progress=True,
-                   extra_summary=None, echo=None, settings=None) -> dict:
+                   extra_summary=None, echo=None, settings=None, request=None) -> dict:
     """Write `rows_of(pending_items, unreadable)`'s rows to `output`; returns the summary dict.
 
     text_field: the row field that, with `image`, identifies an item (answer: "question", itm pairs: "text";
     None: the image alone); `clean(item.text)` gives that field's value from an item. extra_summary(rows) adds
     entries computed over every row of the output (e.g. classification accuracy). echo(row): called per new row
-    (printing to stdout). settings: how the rows were computed (precision, device), written into the summary."""
+    (printing to stdout). settings: how the rows were computed (precision, device), written into the summary.
+    request: what every row depends on (a JSON-able dict); an output made by another request is refused."""
     rank, world = dist.get_rank(), dist.get_world_size()
     clean = clean or (lambda t: t)
+    check_request(output, request)
 
     def item_key(it):
         return _key(it.id, None if text_field is None else clean(it.text))
@@ -55,6 +59,7 @@ def stream_to_file(rows_of, items: list[Item], output, fields, *, text_field=Non
     already = len(items) - len(pending)
     mine = pending[rank::world]
     dist.barrier()  # every rank has read what is done before any rank writes: one pending list for all
+    _record_request(output, request)
     writer = RowWriter(output if world == 1 else part_path(output, rank), fields)
     unreadable: list = []
     bar = None
@@ -99,14 +104,21 @@ def stream_to_file(rows_of, items: list[Item], output, fields, *, text_field=Non
         summary = {"output": str(output), "items": len(items), "done_now": new, "already_done": already,
                    "unreadable": [{"image": i, "reason": why} for i, why in bad], "seconds": round(seconds, 3),
                    "images_per_s": round(new / seconds, 2) if seconds > 0 else None, "ranks": world,
-                   **(settings or {})}
+                   **(settings or {}), "request": request}
         if extra_summary is not None:
             from .outputs import read_rows
             summary.update(extra_summary(read_rows(output)))
-        with open(side_path(output), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_side_file(output, summary)
     dist.barrier()
     return summary
+
+
+def _record_request(output, request):
+    """Rank 0, before the first row: the request in the side file, so a run killed now is known by it."""
+    if request is not None and dist.is_main():
+        import os
+        os.makedirs(os.path.dirname(os.path.abspath(str(output))), exist_ok=True)
+        write_side_file(output, {"output": str(output), "request": request, "complete": False})
 
 
 def print_summary(summary: dict, what: str = "done", file=None):
@@ -130,8 +142,9 @@ def print_summary(summary: dict, what: str = "done", file=None):
 # ---- embeddings: a tensor file, not rows ----
 
 def read_embeddings(path) -> dict:
-    """{"image_ids", "image_embeds", "text_ids", "text_embeds"} (absent kinds left out) of an `embed` output:
-    a .safetensors file (ids in its metadata) or a .npy (+ `.ids.json`, texts in `.text.npy`)."""
+    """{"image_ids", "image_embeds", "text_ids", "text_embeds", "model"} (absent ones left out) of an `embed`
+    output: a .safetensors file (ids and the model's identity in its metadata) or a .npy (+ `.ids.json`, texts in
+    `.text.npy`)."""
     import os
 
     import numpy as np
@@ -146,10 +159,14 @@ def read_embeddings(path) -> dict:
                 if f"{kind}_embeds" in f.keys():
                     out[f"{kind}_embeds"] = f.get_tensor(f"{kind}_embeds")
                     out[f"{kind}_ids"] = json.loads(meta[f"{kind}_ids"])
+            if "model" in meta:
+                out["model"] = json.loads(meta["model"])
         return out
     if path.endswith(".npy"):
         stem = path[:-4]
         ids = json.load(open(stem + ".ids.json"))
+        if ids.get("model") is not None:
+            out["model"] = ids["model"]
         if ids.get("images") is not None:
             out["image_embeds"], out["image_ids"] = torch.from_numpy(np.load(path)), ids["images"]
         if os.path.exists(stem + ".text.npy"):
@@ -158,8 +175,9 @@ def read_embeddings(path) -> dict:
     raise ValueError(f"{path}: embeddings are .safetensors or .npy")
 
 
-def write_embeddings(path, image_ids=None, image_embeds=None, text_ids=None, text_embeds=None):
-    """The embed output, written atomically (temp file + rename)."""
+def write_embeddings(path, image_ids=None, image_embeds=None, text_ids=None, text_embeds=None, model=None):
+    """The embed output, written atomically (temp file + rename). model: the identity of the model that made the
+    features (task, model_config, checkpoint), which `search` compares with its own."""
     import os
 
     import numpy as np
@@ -168,6 +186,8 @@ def write_embeddings(path, image_ids=None, image_embeds=None, text_ids=None, tex
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
         tensors, meta = {}, {"format": "blip-embeddings"}
+        if model is not None:
+            meta["model"] = json.dumps(model)
         for kind, ids, emb in (("image", image_ids, image_embeds), ("text", text_ids, text_embeds)):
             if ids is not None:
                 tensors[f"{kind}_embeds"] = emb.float().contiguous()
@@ -186,15 +206,17 @@ def write_embeddings(path, image_ids=None, image_embeds=None, text_ids=None, tex
         os.replace(stem + ".tmp.npy", stem + ".text.npy")
     with open(stem + ".ids.json.tmp", "w") as f:
         json.dump({"images": None if image_ids is None else list(image_ids),
-                   "texts": None if text_ids is None else list(text_ids)}, f)
+                   "texts": None if text_ids is None else list(text_ids), "model": model}, f)
     os.replace(stem + ".ids.json.tmp", stem + ".ids.json")
 
 
-def embed_to_file(rows_of, items: list[Item], output, *, texts_rows=None, chunk_size=1024, progress=True) -> dict:
+def embed_to_file(rows_of, items: list[Item], output, *, texts_rows=None, chunk_size=1024, progress=True,
+                  request=None, model=None) -> dict:
     """Image embeddings of `items` (rows {"image", "embedding"} from rows_of(pending, unreadable)) and optionally
     text embeddings (`texts_rows`: rows {"text", "embedding"}) into `output`. Image features are saved every
     `chunk_size` images to `OUT.chunks/` (the resume points; a kill loses at most one chunk), then merged with
-    an earlier output's rows into `output` in input order."""
+    an earlier output's rows into `output` in input order. request: as stream_to_file's (an output of another
+    request is refused); model: the model's identity, stored in the output (see write_embeddings)."""
     import glob
     import os
     import shutil
@@ -204,6 +226,7 @@ def embed_to_file(rows_of, items: list[Item], output, *, texts_rows=None, chunk_
     from safetensors.torch import save_file
     rank, world = dist.get_rank(), dist.get_world_size()
     chunk_dir = str(output) + ".chunks"
+    check_request(output, request)
     os.makedirs(chunk_dir, exist_ok=True)
     dist.barrier()
 
@@ -220,6 +243,7 @@ def embed_to_file(rows_of, items: list[Item], output, *, texts_rows=None, chunk_
     already = len(items) - len(pending)
     mine = pending[rank::world]
     dist.barrier()  # every rank has listed the chunks before any rank writes one
+    _record_request(output, request)
     unreadable: list = []
     bar = None
     if progress and dist.is_main():
@@ -267,7 +291,7 @@ def embed_to_file(rows_of, items: list[Item], output, *, texts_rows=None, chunk_
         elif "text_ids" in previous:
             text_ids, text_feats = previous["text_ids"], previous["text_embeds"]
         write_embeddings(output, order or None, torch.stack([got[i] for i in order]) if order else None,
-                         text_ids, text_feats)
+                         text_ids, text_feats, model=model)
         shutil.rmtree(chunk_dir)
         bad = [b for e in everyone for b in e["unreadable"]]
         new = sum(e["new"] for e in everyone)
@@ -275,8 +299,7 @@ def embed_to_file(rows_of, items: list[Item], output, *, texts_rows=None, chunk_
         summary = {"output": str(output), "items": len(items), "done_now": new, "already_done": already,
                    "unreadable": [{"image": i, "reason": why} for i, why in bad], "seconds": round(seconds, 3),
                    "images_per_s": round(new / seconds, 2) if seconds > 0 else None, "ranks": world,
-                   "images": len(order), "texts": 0 if text_ids is None else len(text_ids)}
-        with open(side_path(output), "w") as f:
-            json.dump(summary, f, indent=1)
+                   "images": len(order), "texts": 0 if text_ids is None else len(text_ids), "request": request}
+        write_side_file(output, summary)
     dist.barrier()
     return summary
