@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointMismatchError, _shape_list
+from .checkpoint import CheckpointMismatchError, _read_file, _shape_list
 from .vit import resize_pos_embed
 
 log = logging.getLogger(__name__)
@@ -118,18 +118,11 @@ def read_weights(path) -> dict[str, torch.Tensor]:
 
 
 def _read_one(f: Path) -> dict[str, torch.Tensor]:
-    if f.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(f))
-    else:
-        try:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointMismatchError(f"{f}: not a readable weights file ({type(e).__name__})") from None
+    sd, _ = _read_file(f)  # the checkpoint reader's own rules: weights_only pickles, one-line reasons
     for wrapper in ("model", "state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+        if isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointMismatchError(f"{f}: expected a state dict of tensors")
     return sd
 

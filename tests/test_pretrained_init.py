@@ -203,3 +203,13 @@ def test_packaged_models_initialise_blip():
         "text_decoder.cls.predictions", "text_decoder.cls.predictions.transform.dense",
         "text_decoder.cls.predictions.transform.LayerNorm", "text_decoder.cls.predictions.decoder"}
     assert "encoder.layer.*.attention.self.query" in text["ignored"]  # layers 1-5: the model has one
+
+
+def test_a_file_that_is_not_weights_is_one_line(tmp_path):
+    """A pickle of anything but tensors is refused naming the file and what it holds, not torch's page of advice."""
+    import argparse
+    torch.save({"model": argparse.Namespace(a=1)}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"odd\.pth: not a readable checkpoint \(it pickles "
+                                                      r"argparse\.Namespace") as e:
+        init_from_files(micro(), vision=str(tmp_path / "odd.pth"))
+    assert "\n" not in str(e.value)
