@@ -21,7 +21,7 @@ from blip.capfilt import CapFilt, fingerprint, list_pairs, merge, run_shards, sh
 from blip.checkpoint import file_identity
 from blip.errors import exit_on_user_error
 from blip.run import start_run
-from data.shapes import ensure_shapes_world
+from data.worlds import ensure_shapes_world
 
 log = logging.getLogger("capfilt")
 
@@ -51,7 +51,8 @@ def settings_of(cfg, pairs) -> dict:
 def main(argv=None, max_shards=None):
     """max_shards: stop after that many shards on each rank, without merging (tests simulate a crash)."""
     args, cfg, device, out = start_run("BLIP CapFilt: caption and filter web image-text pairs", argv,
-                                       prepare=ensure_shapes_world)
+                                       prepare=ensure_shapes_world, tasks=("capfilt",),
+                                       required=("train_file", "captioner", "filter"))
     captioner, filter_model = load_models(cfg, device)
     capfilt = CapFilt(captioner, filter_model, filter_task=cfg.filter_task, num_captions=cfg.num_captions,
                       top_p=cfg.top_p, min_length=cfg.min_length, max_length=cfg.max_length,

@@ -8,7 +8,7 @@ hard negatives; ITC top-k + ITM re-rank recall on val and test after every epoch
 from blip.errors import exit_on_user_error
 from blip.run import run
 from blip.tasks import RetrievalTask
-from data.shapes import ensure_shapes_world
+from data.worlds import ensure_shapes_world
 
 
 def main(argv=None):

@@ -8,7 +8,7 @@
 from blip.errors import exit_on_user_error
 from blip.run import run
 from blip.tasks import VQATask
-from data.shapes import ensure_shapes_world
+from data.worlds import ensure_shapes_world
 
 
 def main(argv=None):

@@ -26,14 +26,16 @@ from .errors import OutputExistsError
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint_latest.pt")  # any of them: the folder holds a run
 
 
-def start_run(description: str, argv=None, prepare=None, *, fresh_output=False, reads_roots=False,
-              write_output=True):
-    """-> (args, cfg, device, out). `prepare(cfg)` makes data the config describes (the offline shapes world).
+def start_run(description: str, argv=None, prepare=None, *, tasks=(), required=(), fresh_output=False,
+              reads_roots=False, write_output=True):
+    """-> (args, cfg, device, out). `tasks`: the `task:` values the script runs (the config must name one);
+    `required`: keys that must not be empty. `prepare(cfg)` makes data the config describes (the offline shapes world).
     Nothing is written to the output folder before the inputs are known good (roots, checkpoints). fresh_output:
     a folder that holds a run is refused unless --resume or --overwrite (which moves the old run aside).
     write_output=False: the caller calls open_output once it has read its checkpoints."""
     args = add_config_args(argparse.ArgumentParser(description=description)).parse_args(argv)
     cfg = config_from_args(args)
+    check_config(cfg, args.config, tasks, required)
     _, _, _, device = dist.init_distributed(args.device)
     if cfg.deterministic:
         from .determinism import enable_deterministic
@@ -64,6 +66,19 @@ def open_output(out: Path, cfg, args, fresh_output=False):
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     dist.barrier()
+
+
+def check_config(cfg, path, tasks=(), required=()):
+    """A config says which task it is for and gives what that task cannot run without (an empty file once ran as a
+    BLIP-base model on `ann_root: annotation` until a dataset of 0 samples stopped it)."""
+    if tasks and not cfg.task:
+        empty = Path(path).is_file() and not Path(path).read_text().strip(" \n\t-{}")
+        raise ValueError(f"{path}: {'the file is empty' if empty else 'no `task:` key'}: this script runs "
+                         f"`task: {tasks[0]}`" + (f" (or {', '.join(tasks[1:])})" if tasks[1:] else "")
+                         + "; start from one of configs/*.yaml")
+    for key in required:
+        if not getattr(cfg, key):
+            raise ValueError(f"{path}: config key '{key}' is empty: task {cfg.task or tasks[0]!r} needs it")
 
 
 def check_inputs(cfg, resume=None, reads_roots=False):
@@ -128,7 +143,8 @@ def evaluator(task, out: Path):
 def run(task_cls, argv=None, *, prepare=None) -> dict:
     """Train (or with --evaluate, evaluate) `task_cls` as the flags say; prints and returns the last metrics."""
     from .engine import fit
-    args, cfg, device, out = start_run(describe(task_cls), argv, prepare, fresh_output=True,
+    args, cfg, device, out = start_run(describe(task_cls), argv, prepare, tasks=task_cls.names,
+                                       required=task_cls.required_keys, fresh_output=True,
                                        reads_roots=bool(task_cls.ann_files), write_output=False)
     task = task_cls(cfg)
     model = task.build_model().to(device)  # the checkpoint read before anything is written

@@ -344,19 +344,9 @@ def generate_shapes_world(out_dir, n_train=1000, n_val=100, n_test=100, image_si
     return out
 
 
-def ensure_shapes_world(cfg) -> dict | None:
-    """The entry scripts' `prepare`: generate the shapes world a config describes (`shapes:`, the arguments of
-    generate_shapes_world) unless the same one is on disk; rank 0 writes, the others wait. Accepts a Config or
-    the `shapes` dict itself; returns the manifest (None when the config describes no world)."""
+def ensure_scene_world(spec: dict) -> dict:
+    """generate_shapes_world(**spec) unless the same world is on disk; rank 0 writes, the others wait."""
     from blip import distributed as dist
-    spec = cfg if isinstance(cfg, dict) else cfg.shapes
-    if not spec:
-        return None
-    if spec.get("world") == "pairs":  # two-shape scenes + the compositional probe set (data/shapes_probes.py)
-        from data.shapes_probes import ensure_pair_world
-        manifest = ensure_pair_world({k: v for k, v in spec.items() if k != "world"}) if dist.is_main() else None
-        dist.barrier()
-        return manifest or json.loads((Path(spec["out_dir"]) / "manifest.json").read_text())
     out = Path(spec["out_dir"])
     stamp, written = out / "spec.json", dict(spec, version=VERSION)
     if dist.is_main() and not (stamp.exists() and json.loads(stamp.read_text()) == written):

@@ -166,7 +166,7 @@ def generate_pair_world(out_dir, n_train=1000, n_val=50, n_test=100, image_size=
 
 
 def ensure_pair_world(spec: dict) -> dict:
-    """generate_pair_world(**spec) unless the same world is on disk (data.shapes.ensure_shapes_world's hook)."""
+    """generate_pair_world(**spec) unless the same world is on disk (data.worlds.ensure_shapes_world's hook)."""
     out = Path(spec["out_dir"])
     stamp, written = out / "spec.json", dict(spec, world="pairs", version=VERSION)
     if not (stamp.exists() and json.loads(stamp.read_text()) == written):

@@ -127,10 +127,10 @@ def ensure_ve_set(root, ve_spec: dict) -> None:
 
 
 def ensure_shapes_ve_world(cfg):
-    """train_ve.py's `prepare`: the shapes world of `shapes:` (data.shapes.ensure_shapes_world), then its VE set with
+    """train_ve.py's `prepare`: the shapes world of `shapes:` (data.worlds.ensure_shapes_world), then its VE set with
     the `shapes_ve:` arguments of generate_ve_set. Rank 0 writes, the others wait."""
     from blip import distributed as dist
-    from data.shapes import ensure_shapes_world
+    from data.worlds import ensure_shapes_world
     world = ensure_shapes_world(cfg)
     if world is not None and cfg.shapes_ve is not None:
         if dist.is_main():

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from blip.metrics import caption_scores, vqa_accuracy
-from data.shapes import ensure_shapes_world
+from data.worlds import ensure_shapes_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

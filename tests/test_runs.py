@@ -10,7 +10,7 @@ import torch
 import pretrain
 import train_caption
 from blip.errors import OutputExistsError, exit_on_user_error
-from data.shapes import ensure_shapes_world
+from data.worlds import ensure_shapes_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORLD = {"n_train": 16, "n_val": 4, "n_test": 8, "image_size": 32, "seed": 0}
@@ -105,3 +105,18 @@ def test_help_describes_the_task_not_its_class(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "Captioning fine-tuning on COCO" in text and "CaptionTask" not in text
     assert "--overwrite" in text and "--debug" in text
+
+
+def test_a_config_names_its_task_and_what_the_task_needs(tmp_path, capsys):
+    # An empty file once ran as a BLIP-base model on `ann_root: annotation` until "dataset of 0 samples".
+    out, empty, untasked = tmp_path / "out", tmp_path / "empty.yaml", tmp_path / "untasked.yaml"
+    empty.write_text("\n")
+    untasked.write_text("init_lr: 1e-4\n")
+    code, err = user_error(capsys, pretrain.main, ["--config", str(empty), "--output-dir", str(out)])
+    assert code == 2 and "empty.yaml: the file is empty" in err and "task: pretrain" in err
+    code, err = user_error(capsys, train_caption.main, ["--config", str(untasked), "--output-dir", str(out)])
+    assert code == 2 and "untasked.yaml: no `task:` key" in err and "task: caption` (or nocaps)" in err
+    code, err = user_error(capsys, pretrain.main, ["--config", "configs/shapes_main.yaml", "--output-dir", str(out),
+                                                   "--set", "train_file=[]"])
+    assert code == 2 and "config key 'train_file' is empty" in err
+    assert not out.exists()

@@ -159,7 +159,7 @@ def test_nlvr_statements_about_chosen_attributes(tmp_path):
 
 
 def test_world_on_disk_is_redone_when_the_generator_version_changes(tmp_path):
-    from data.shapes import ensure_shapes_world
+    from data.worlds import ensure_shapes_world
     from data import shapes
 
     spec = {"out_dir": str(tmp_path), "n_train": 4, "n_val": 2, "n_test": 2, "image_size": 32, "n_shards": 0}

@@ -17,7 +17,7 @@ WORLD = dict(n_train=150, n_val=30, n_test=60, image_size=32, seed=0, n_shards=0
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from data.shapes import ensure_shapes_world
+    from data.worlds import ensure_shapes_world
     root = tmp_path_factory.mktemp("shapes_ve")
     ensure_shapes_world({"out_dir": str(root), **WORLD})
     ensure_ve_set(root, {"statements_per_image": 6, "seed": 0})

@@ -22,6 +22,7 @@ class Task:
     eval_every_epoch = True       # False: evaluate after the last epoch only
     crop_scale = (0.5, 1.0)       # RandomResizedCrop scale unless the config sets crop_scale
     ann_files: dict[str, str] = {}  # dataset name -> annotation file pattern under ann_root ('{}' = the split)
+    required_keys: tuple[str, ...] = ()  # config keys the task cannot run without (named when empty)
     takes_hard_negatives = False  # the losses take NegCLIP's negatives (config `hard_negatives`, blip.negatives)
 
     def __init__(self, cfg):

@@ -15,6 +15,7 @@ class PretrainTask(Task):
     names = ("pretrain",)
     model_task = "pretrain"
     takes_hard_negatives = True
+    required_keys = ("train_file",)  # JSON lists or shards of pairs
     schedule = "step"
     crop_scale = (0.2, 1.0)  # pretraining crops down to 20%
 
