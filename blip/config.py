@@ -33,7 +33,8 @@ class Config:
     # --- data (original keys) ------------------------------------------------------------------
     image_root: str = ""
     ann_root: str = "annotation"
-    dataset: str = ""                   # retrieval: 'coco' | 'flickr'
+    dataset: str = ""                   # retrieval: 'coco' | 'flickr'; caption: 'coco' (or a name in ann_files)
+    ann_files: dict | None = None       # more datasets in a known format: {name: 'name_{}.json'} ('{}' = the split)
     train_file: list[str] = field(default_factory=list)   # pretraining JSON files
     laion_path: str = ""
     train_num_samples: int | None = None  # shards: samples per epoch (None: counted once), as open_clip's flag

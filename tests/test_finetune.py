@@ -122,3 +122,19 @@ def test_nlvr(world, tmp_path):
     assert len(test) == 400 and abs(prior - 50) < 10
     # measured 77.5 (dev 75.0, text prior 45) after 3 epochs, 375 steps; dev and test: 400 statements (σ of chance 2.5)
     assert m["test_acc"] > prior + 12 and m["dev_acc"] > 62
+
+
+def test_a_dataset_in_a_known_format_is_a_yaml_only(world, tmp_path):
+    # A Flickr-format retrieval set under other file names: `ann_files` in the config, no code.
+    import shutil
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    for split in ("train", "val", "test"):
+        shutil.copy(f"{world}/karpathy_{split}.json", ann / f"mine_{split}.json")
+    mine = ["dataset=mine", "ann_files={mine: 'mine_{}.json'}", f"ann_root={ann}", "max_epoch=1", "batch_size_train=16"]
+    metrics = run("train_retrieval", "shapes_retrieval.yaml", world, tmp_path / "out", *mine)
+    assert {"val_r_mean", "test_r_mean"} <= set(metrics)
+    with pytest.raises(ValueError, match=r"'dataset': 'theirs' is not a dataset RetrievalTask knows.*ann_files"):
+        run("train_retrieval", "shapes_retrieval.yaml", world, tmp_path / "out2", *mine, "dataset=theirs")
+    with pytest.raises(ValueError, match=r"'ann_files.mine'.*'\{\}'"):
+        run("train_retrieval", "shapes_retrieval.yaml", world, tmp_path / "out3", *mine, "ann_files.mine=mine.json")

@@ -62,10 +62,18 @@ class Task:
         return test_transform(model.cfg.image_size)
 
     def ann_file(self, dataset: str, split: str, root: str | None = None) -> str:
-        if dataset not in self.ann_files:
-            raise ValueError(f"{type(self).__name__}: dataset {dataset!r} unknown; "
-                             f"choose from {sorted(self.ann_files)}")
-        return os.path.join(self.cfg.ann_root if root is None else root, self.ann_files[dataset].format(split))
+        """The annotation file of `dataset`'s `split` under ann_root: the task's known names, and any the config's
+        `ann_files` adds (a dataset in a known format needs no code: `ann_files: {mine: 'mine_{}.json'}`)."""
+        files = {**self.ann_files, **(self.cfg.ann_files or {})}
+        if dataset not in files:
+            raise ValueError(f"config key 'dataset': {dataset!r} is not a dataset {type(self).__name__} knows "
+                             f"({', '.join(sorted(files))}); name its annotation files with "
+                             f"`ann_files: {{{dataset or 'NAME'}: '{dataset or 'NAME'}_{{}}.json'}}`")
+        pattern = files[dataset]
+        if not isinstance(pattern, str) or "{}" not in pattern:
+            raise ValueError(f"config key 'ann_files.{dataset}': {pattern!r} must be a file name with '{{}}' where "
+                             f"the split goes (train, val, test)")
+        return os.path.join(self.cfg.ann_root if root is None else root, pattern.format(split))
 
     def train_data(self, model):
         raise NotImplementedError
