@@ -128,7 +128,7 @@ class VQABatch(Batch):
     lm_positions: torch.Tensor
 
     @classmethod
-    def of(cls, images, questions, answers, n, weights, question_max_length: int, answer_max_length: int,
+    def of(cls, images, questions, answers, n, weights, *, question_max_length: int, answer_max_length: int,
            static: bool = False) -> "VQABatch":
         """answers flattened; n[b] of them belong to question b."""
         q_ids, q_mask = texts(questions, question_max_length, first_token=ENC_ID, static=static)
@@ -197,7 +197,8 @@ class VQACollate:
         answers = [a for s in samples for a in s[2]]
         weights = [w for s in samples for w in s[3]]
         return VQABatch.of(torch.stack([s[0] for s in samples]), [s[1] for s in samples], answers,
-                           [len(s[2]) for s in samples], weights, self.q_len, self.a_len, self.static)
+                           [len(s[2]) for s in samples], weights, question_max_length=self.q_len,
+                           answer_max_length=self.a_len, static=self.static)
 
 
 class ClassCollate:

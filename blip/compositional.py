@@ -313,7 +313,7 @@ class ProbeScorer:
     `model`: an itm / retrieval / pretrain model (ITC, ITM, ITC+ITM; a pretrain model also has the captioner).
     `captioner`: a caption model (or None: the pretrain model's decoder when it has one)."""
 
-    def __init__(self, model=None, captioner=None, batch_size=32, pair_batch=256, num_workers=0, progress=True,
+    def __init__(self, model=None, captioner=None, *, batch_size=32, pair_batch=256, num_workers=0, progress=True,
                  itm_first_token=ENC_ID):
         if captioner is None and model is not None and hasattr(model, "text_decoder"):
             captioner = model

@@ -311,7 +311,7 @@ class WebDatasetShards(SkipsBadImages, IterableDataset):
     non-adjacent sample members raises blip.shards.ShardOrderError naming it and the fix.
     """
 
-    def __init__(self, shards, transform, max_words=30, shuffle=False, seed=0, rank=None, world_size=None,
+    def __init__(self, shards, transform, *, max_words=30, shuffle=False, seed=0, rank=None, world_size=None,
                  num_samples=None, shuffle_buffer=1000, resampled=False):
         self.shards = expand_shards(shards)
         self.transform, self.max_words = transform, max_words

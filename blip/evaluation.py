@@ -41,7 +41,7 @@ def retrieval_features(model, dataset, batch_size=64, num_workers=0, device=None
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset, k_test=256, batch_size=64, num_workers=0, rerank_batch=128,
+def evaluate_retrieval(model, dataset, *, k_test=256, batch_size=64, num_workers=0, rerank_batch=128,
                        rerank_precision="fp32"):
     """The original protocol (ITC top-k, ITM re-rank, recall@1/5/10). Queries are split across ranks and
     the score rows gathered, so N ranks give the same numbers as one. `rerank_precision`: the ITM passes'
@@ -59,7 +59,8 @@ def evaluate_retrieval(model, dataset, k_test=256, batch_size=64, num_workers=0,
         n = s.shape[0]
         step = -(-n // world)
         lo, hi = min(n, rank * step), min(n, (rank + 1) * step)
-        part = model.rerank(s[lo:hi], k_test, image_embeds, ids, mask, queries_are_images, batch_size=rerank_batch,
+        part = model.rerank(s[lo:hi], k_test, image_embeds, ids, mask, queries_are_images=queries_are_images,
+                            batch_size=rerank_batch,
                             query_offset=lo, progress=dist.is_main(), precision=rerank_precision)
         if world > 1:
             part = torch.cat([p.to(s.device) for p in dist.all_gather_object(part.cpu())])

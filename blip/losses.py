@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .batches import sample_one
 
 
-def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha, pos,
+def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, *, image_queue, text_queue, temp, alpha, pos,
              neg_text_feat=None, neg_text_feat_m=None):
     """Image-text contrastive loss with a queue and momentum distillation.
 
@@ -49,7 +49,7 @@ def draw_hard_negatives(weights_t2i, weights_i2t, generator=None):
     return sample_one(weights_t2i, generator), sample_one(weights_i2t, generator)
 
 
-def itm_pairs(image_embeds, ids, mask, neg_image_for_text, neg_text_for_image, neg_image_embeds, neg_ids, neg_mask):
+def itm_pairs(image_embeds, ids, mask, *, neg_image_for_text, neg_text_for_image, neg_image_embeds, neg_ids, neg_mask):
     """The 3b ITM rows: b positives, b (text, its negative image), b (negative text, image) -> (image embeds, ids,
     mask, labels). Negatives index into `neg_*`: the local batch, or the all-rank one."""
     b = ids.shape[0]

@@ -104,7 +104,7 @@ def image_features(model, paths, transform, batch_size=64, num_workers=0) -> tup
     return torch.stack([torch.zeros(width, device="cpu") if r is None else r for r in merged]), valid
 
 
-def build(model, dataset, k: int, transform, batch_size=64, num_workers=0, listing=None) -> NeighbourTable:
+def build(model, dataset, k: int, transform, *, batch_size=64, num_workers=0, listing=None) -> NeighbourTable:
     """The table from `model`'s features; `listing`: dataset_images(dataset) when the caller has it already."""
     images, row_image = listing or dataset_images(dataset)
     feats, valid = image_features(model, images, transform, batch_size, num_workers)
@@ -118,7 +118,7 @@ def _write(table: NeighbourTable, out_dir):
         atomic_write(Path(out_dir) / FILE, lambda tmp: Path(tmp).write_text(json.dumps(table.to_json())))
 
 
-def load_or_build(model, dataset, k: int, transform, out_dir, resume_dir=None, batch_size=64,
+def load_or_build(model, dataset, k: int, transform, out_dir, *, resume_dir=None, batch_size=64,
                   num_workers=0) -> NeighbourTable:
     """The run's table: `neighbours.json` of the run (or of the checkpoint resumed from) when it was made for these
     images with this k, else built from `model` now and written there (atomically, by rank 0)."""
@@ -135,7 +135,8 @@ def load_or_build(model, dataset, k: int, transform, out_dir, resume_dir=None, b
                 return table
             log.warning("neighbours: %s was made for other images or another k; building the table again", path)
     start = time.time()
-    table = build(model, dataset, k, transform, batch_size, num_workers, listing=(images, row_image))
+    table = build(model, dataset, k, transform, batch_size=batch_size, num_workers=num_workers,
+                  listing=(images, row_image))
     _write(table, out_dir)
     log.info("neighbours: %d images, k=%d, from the initial model's ITC features in %.1f s (%d unreadable)",
              len(images), k, time.time() - start, len(table.unreadable))

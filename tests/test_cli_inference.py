@@ -219,13 +219,13 @@ def test_shards_and_path_lists_are_inputs(folder, tmp_path):
             t.addfile(info, io.BytesIO(b"abc"))
     items = inference.collect(str(tmp_path / "shard-{000..000}.tar"))
     assert [it.id for it in items] == [f"{tar}:{i:06d}" for i in range(4)]
-    from_tar = torch.cat([x for _, x in inference.image_batches(items, 32, 2, workers=1)])
+    from_tar = torch.cat([x for _, x in inference.image_batches(items, 32, batch_size=2, workers=1)])
     assert torch.equal(from_tar, blip.load_images(good, 32))
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(os.path.relpath(p, tmp_path) for p in good) + "\nmissing.png\n")
     bad = []
     listed = inference.collect(lst)
-    got = torch.cat([x for _, x in inference.image_batches(listed, 32, 3, workers=0, unreadable=bad)])
+    got = torch.cat([x for _, x in inference.image_batches(listed, 32, batch_size=3, workers=0, unreadable=bad)])
     assert torch.equal(got, from_tar) and [Path(it.id).name for it, _ in bad] == ["missing.png"]
     with pytest.raises(FileNotFoundError, match="nowhere"):
         inference.collect(str(tmp_path / "nowhere"))

@@ -20,7 +20,7 @@ def test_itc_loss_matches_hand_computation():
     iq, tq = unit(3, 3).t(), unit(3, 3).t()  # queues are [dim, size]
     temp, alpha = 0.5, 0.4
     pos = torch.eye(2, 5)
-    loss, _, _ = itc_loss(img, txt, img_m, txt_m, iq, tq, temp, alpha, pos)
+    loss, _, _ = itc_loss(img, txt, img_m, txt_m, image_queue=iq, text_queue=tq, temp=temp, alpha=alpha, pos=pos)
 
     def direction(q, q_m, keys_m):  # plain loops over rows and columns
         total = 0.0

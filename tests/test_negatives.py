@@ -99,7 +99,8 @@ def test_itc_with_negative_captions_matches_hand_loop():
     neg, neg_m = unit(4, 3), unit(4, 3)  # 4 hard captions in the batch
     temp, alpha = 0.5, 0.4
     pos = torch.eye(2, 5)
-    loss, _, _ = itc_loss(img, txt, img_m, txt_m, iq, tq, temp, alpha, pos, neg, neg_m)
+    loss, _, _ = itc_loss(img, txt, img_m, txt_m, image_queue=iq, text_queue=tq, temp=temp, alpha=alpha, pos=pos,
+                          neg_text_feat=neg, neg_text_feat_m=neg_m)
 
     def direction(q, q_m, keys, keys_m, n_cols):
         total = 0.0
@@ -119,7 +120,7 @@ def test_itc_with_negative_captions_matches_hand_loop():
     t2i = direction(txt, txt_m, list(img_m) + list(iq.t()), list(img_m) + list(iq.t()), 5)
     assert loss.item() == pytest.approx((i2t + t2i) / 2, abs=1e-5)
     # the hard captions only make image -> text harder
-    assert loss.item() > itc_loss(img, txt, img_m, txt_m, iq, tq, temp, alpha, pos)[0].item()
+    assert loss.item() > itc_loss(img, txt, img_m, txt_m, image_queue=iq, text_queue=tq, temp=temp, alpha=alpha, pos=pos)[0].item()
 
 
 def _batch(n=4, size=32):
@@ -227,9 +228,10 @@ def test_negative_captions_enter_itc_with_gradient():
         n_ids, n_mask, n_feat = model.text_features([negs[0][0], negs[2][0]])
         n_feat_m = F.normalize(model.text_proj_m(model.text_encoder_m(n_ids, n_mask)[:, 0]), dim=-1)
         pos = torch.eq(torch.arange(4)[:, None], torch.cat([torch.arange(4), model.idx_queue[0]])[None]).float()
-        expected = itc_loss(img, txt, img_m, txt_m, model.image_queue, model.text_queue, model.temp, 0.4, pos,
-                            n_feat, n_feat_m)[0]
-        plain = itc_loss(img, txt, img_m, txt_m, model.image_queue, model.text_queue, model.temp, 0.4, pos)[0]
+        expected = itc_loss(img, txt, img_m, txt_m, image_queue=model.image_queue, text_queue=model.text_queue,
+                            temp=model.temp, alpha=0.4, pos=pos, neg_text_feat=n_feat, neg_text_feat_m=n_feat_m)[0]
+        plain = itc_loss(img, txt, img_m, txt_m, image_queue=model.image_queue, text_queue=model.text_queue,
+                         temp=model.temp, alpha=0.4, pos=pos)[0]
     assert out["loss_ita"].item() == pytest.approx(expected.item(), abs=1e-5)
     assert out["loss_ita"].item() > plain.item()
     # the text encoder learns from them: "bottom" is only in a hard caption, and its embedding gets gradient

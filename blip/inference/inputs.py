@@ -219,7 +219,7 @@ def _collate(batch):
     return [i for i, _ in good], pixels, bad
 
 
-def image_batches(items: list[Item], image_size: int, batch_size: int = 8, workers: int = 2, device=None,
+def image_batches(items: list[Item], image_size: int, *, batch_size: int = 8, workers: int = 2, device=None,
                   unreadable: list | None = None, progress=None):
     """(items of the batch, pixel_values [n, 3, S, S]) for every batch of readable images, in order. Decoding and
     resizing run in `workers` DataLoader workers, which hand over uint8 pixels (a quarter of float32's bytes,

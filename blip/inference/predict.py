@@ -32,7 +32,8 @@ def autocast(model, precision: str = "fp32"):
 
 
 def _batches(model, images, batch_size, workers, unreadable):
-    return image_batches(as_items(images), model.cfg.image_size, batch_size, workers, model.device, unreadable)
+    return image_batches(as_items(images), model.cfg.image_size, batch_size=batch_size, workers=workers,
+                         device=model.device, unreadable=unreadable)
 
 
 def caption(model, images, *, batch_size=8, workers=2, precision="fp32", num_beams=3, max_length=20, min_length=5,

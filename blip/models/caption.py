@@ -34,7 +34,7 @@ class BlipCaption(BlipModel):
                                                   positions=batch.lm_positions)}
 
     @torch.no_grad()
-    def generate(self, pixel_values, num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0,
+    def generate(self, pixel_values, *, num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0,
                  sample=False, top_p=0.9, top_k=50, prompt=None, generator=None, return_ids=False, num_captions=1,
                  static=None):
         """Captions (the prompt cut off their front, as the original). Beam search, or nucleus sampling

@@ -110,7 +110,7 @@ class BlipITM(BlipModel):
         return score_i2t, score_t2i
 
     @torch.no_grad()
-    def rerank(self, sims, k, image_embeds, text_ids, text_mask, queries_are_images, batch_size=128,
+    def rerank(self, sims, k, image_embeds, text_ids, text_mask, *, queries_are_images, batch_size=128,
                query_offset=0, progress=False, precision="fp32"):
         """ITM re-rank of each query row's top-k columns. sims [n_query, n_cand] (rows may be a slice
         of the queries starting at `query_offset`). `precision`: the ITM passes' (blip.precision: bf16 or tf32 on a
@@ -178,6 +178,12 @@ class _Contrastive(MomentumMixin, BlipITM):
             feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(batch.neg_ids, batch.neg_mask)[:, 0]), dim=-1)
         return feat, feat_m
 
+    def itc_keys(self, alpha, positives, batch: PairBatch) -> dict:
+        """itc_loss's keywords beyond the four features: the queues, temperature, targets and NegCLIP's negatives."""
+        negs = self.negative_features(batch) or (None, None)
+        return dict(image_queue=self.image_queue, text_queue=self.text_queue, temp=self.temp, alpha=alpha,
+                    pos=positives, neg_text_feat=negs[0], neg_text_feat_m=negs[1])
+
     def _features(self, batch: PairBatch):
         """What both objectives read: image tokens and features, text features, their momentum twins."""
         with torch.no_grad():
@@ -201,8 +207,9 @@ class _Contrastive(MomentumMixin, BlipITM):
             neg_images = dist.all_gather_with_grad(image_embeds)
             neg_ids, neg_mask = dist.all_gather_no_grad(ids), dist.all_gather_no_grad(mask)
         image_for_text, text_for_image = (torch.as_tensor(h, device=ids.device) for h in hard_negatives)
-        images, ids, mask, labels = itm_pairs(image_embeds, ids, mask, image_for_text, text_for_image,
-                                              neg_images, neg_ids, neg_mask)
+        images, ids, mask, labels = itm_pairs(image_embeds, ids, mask, neg_image_for_text=image_for_text,
+                                              neg_text_for_image=text_for_image, neg_image_embeds=neg_images,
+                                              neg_ids=neg_ids, neg_mask=neg_mask)
         if batch.neg_ids is not None:
             with torch.no_grad():
                 picked = sample_one(batch.neg_weights, generator)  # one of each row's own, uniformly
@@ -225,7 +232,7 @@ class BlipRetrieval(_Contrastive):
         super().__init__(cfg, "ptr_queue")
         self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
 
-    def losses(self, pixel_values, texts, idx, alpha=0.4, hard_negatives=None, update_queue=True,
+    def losses(self, pixel_values, texts, idx, *, alpha=0.4, hard_negatives=None, update_queue=True,
                return_negatives=False, generator=None, negative_captions=None):
         """loss_ita (all captions of one image index are positives) + loss_itm (hard negatives).
 
@@ -241,9 +248,8 @@ class BlipRetrieval(_Contrastive):
         idx = batch.idx.view(-1, 1)
         image_embeds, image_feat, text_feat, image_feat_m, text_feat_m = self._features(batch)
         positives = torch.eq(idx, torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)).float()
-        negs = self.negative_features(batch)
-        loss_ita, _, _ = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                                  self.text_queue, self.temp, alpha, positives, *(negs or ()))
+        loss_ita, _, _ = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
+                                  **self.itc_keys(alpha, positives, batch))
         if update_queue:
             self.enqueue(image_feat_m, text_feat_m, idx.view(-1))
 
@@ -276,7 +282,7 @@ class BlipPretrain(_Contrastive):
         self.text_decoder = TextDecoder(self.text_cfg())
         tie_decoder_to_encoder(self.text_decoder, self.text_encoder)
 
-    def losses(self, pixel_values, texts, alpha=0.4, hard_negatives=None, update_queue=True,
+    def losses(self, pixel_values, texts, *, alpha=0.4, hard_negatives=None, update_queue=True,
                return_negatives=False, generator=None, negative_captions=None):
         """loss_ita + loss_itm + loss_lm, as the original pretraining forward (momentum_update() first).
         `negative_captions`: as BlipRetrieval.losses (off when None)."""
@@ -288,9 +294,8 @@ class BlipPretrain(_Contrastive):
         b = batch.images.shape[0]
         image_embeds, image_feat, text_feat, image_feat_m, text_feat_m = self._features(batch)
         positives = torch.eye(b, b + self.image_queue.shape[1], device=image_feat.device)
-        negs = self.negative_features(batch)
-        loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
-                                              self.text_queue, self.temp, alpha, positives, *(negs or ()))
+        loss_ita, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
+                                              **self.itc_keys(alpha, positives, batch))
         if update_queue:
             self.enqueue(image_feat_m, text_feat_m)
 

@@ -29,8 +29,8 @@ class BlipVQA(BlipModel):
 
     def losses(self, pixel_values, questions, answers, n, weights):
         """Σ weight · (summed, label-smoothed) answer loss / batch size; `n[b]` answers belong to question b."""
-        batch = VQABatch.of(pixel_values, questions, answers, n, weights, self.question_max_length,
-                            self.answer_max_length)
+        batch = VQABatch.of(pixel_values, questions, answers, n, weights,
+                            question_max_length=self.question_max_length, answer_max_length=self.answer_max_length)
         return self.batch_losses(batch.to(self.device))
 
     def batch_losses(self, batch: VQABatch):
@@ -41,7 +41,7 @@ class BlipVQA(BlipModel):
         return {"loss_vqa": (batch.weights.to(seq_loss.dtype) * seq_loss).sum() / batch.images.shape[0]}
 
     @torch.no_grad()
-    def answer(self, pixel_values, questions, method="generate", answer_list=None, k=128, num_beams=3,
+    def answer(self, pixel_values, questions, *, method="generate", answer_list=None, k=128, num_beams=3,
                max_length=10, min_length=1, static=None):
         """Answers by beam-search generation, or by ranking `answer_list` (top-k first tokens, then full
         sequences scored by −loss), both as the original."""

@@ -93,7 +93,7 @@ class Task:
         k = HardNegatives.from_config(self.cfg.hard_negatives).images
         if not k:
             return None
-        return neighbours.load_or_build(model, dataset, k, self.test_transform(model), out_dir, resume_dir,
+        return neighbours.load_or_build(model, dataset, k, self.test_transform(model), out_dir, resume_dir=resume_dir,
                                         batch_size=self.cfg.test_batch_size, num_workers=self.cfg.num_workers)
 
     # -- training ---------------------------------------------------------------------------------------------------
