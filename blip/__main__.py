@@ -10,6 +10,8 @@
     blip classify SOURCES... [--labels a,b,c | --labels-file F] [--template "a photo of a {}."] [--k 5]
                   [--rerank 3] [--truth labels.csv]   accuracy when sub-folders (one per class) or --truth give labels
     blip explain  IMAGE --text "..." -o out/ [--layer N]   Grad-CAM: one overlay PNG per word + gradcam.json (peaks)
+    blip demo     [--port 7860] [--gallery gallery.safetensors]   web demo on 127.0.0.1 (pip install -r
+                  requirements-demo.txt)
 
 SOURCES: image files, folders (recursive), globs ('photos/**/*.jpg'), a .txt file of paths, a .json annotation
 file, local .tar shards (`shards/{000..009}.tar`). Images are decoded in --workers DataLoader workers and run
@@ -168,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("-o", "--output", required=True, help="folder for NN_word.png, text.png and gradcam.json")
     x.add_argument("--layer", type=int, help="cross-attention layer of the ITM text encoder (0-based; default: "
                                              "two thirds up, 8 of 12 for BLIP-base, never the last)")
+
+    d = sub.add_parser("demo", parents=[one_model], help="a web demo in the browser (pip install -r "
+                                                         "requirements-demo.txt): caption, VQA, ITM + Grad-CAM, "
+                                                         "search")
+    d.add_argument("--caption-checkpoint", help="the caption tab's model (default: --checkpoint as a caption model)")
+    d.add_argument("--vqa-checkpoint", help="the VQA tab's model (default: --checkpoint as a VQA model)")
+    d.add_argument("--itm-checkpoint", help="the matching and search tabs' model (default: --checkpoint)")
+    d.add_argument("--gallery", help="the search tab's gallery: the output of `blip embed` by the matching model")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--concurrency", type=int, default=2, help="requests run at once; the rest wait in a queue")
+    d.add_argument("--max-pixels", type=int, default=40_000_000, help="larger uploads are refused")
     return p
 
 
@@ -270,7 +284,7 @@ def run(args) -> int:
         from .checkpoint import resolve_checkpoint
         args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if not args.output and args.command != "search":
+        if not getattr(args, "output", None) and args.command != "search":
             raise ValueError("under torchrun give --output: the ranks' parts are merged into it")
         _, _, _, device = dist.init_distributed(args.device)
     else:
@@ -279,6 +293,9 @@ def run(args) -> int:
             raise SystemExit("error: --device cuda, but CUDA is not available")
     if args.command == "explain":
         return _explain(args, device, precision)
+    if args.command == "demo":
+        from .demo import serve
+        return serve(args, device, precision)
     try:
         return _run(args, device, precision, dist, inf, pre_caption, pre_question)
     finally:
