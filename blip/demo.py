@@ -71,7 +71,7 @@ def load_models(args, device) -> dict:
         except user_errors() as e:
             if own[tab]:
                 raise
-            models[tab] = f"no model: {checkpoint} does not load as a {tab} model ({one_line(e)[7:]})"
+            models[tab] = f"no model: {checkpoint} does not load as a {tab!r} model ({one_line(e)[7:]})"
     return models
 
 

@@ -229,3 +229,27 @@ def test_twenty_concurrent_requests_are_all_answered(server, tmp_path):
     text, message = client.predict(handle_file(str(huge)), "beam search", 3, 0.9, api_name="/caption")
     assert text is None and message == f"error: huge.png: 1100x1000 pixels, over this demo's limit of " \
                                        f"{MAX_PIXELS:,} (--max-pixels)"
+
+
+def test_without_gradio_the_demo_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
+    assert main(["demo", "--device", "cpu", "--port", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: blip demo needs gradio: pip install -r requirements-demo.txt"
+
+
+def test_a_tab_whose_model_the_checkpoint_lacks_says_why(tmp_path):
+    from argparse import Namespace
+
+    from blip.checkpoint import CheckpointMismatchError
+    from blip.demo import load_models
+    torch.manual_seed(0)
+    blip.save_weights(blip.load_model("caption", preset="micro"), tmp_path / "caption.safetensors")
+    args = Namespace(checkpoint=str(tmp_path / "caption.safetensors"), caption_checkpoint=None, vqa_checkpoint=None,
+                     itm_checkpoint=None, set=[], bf16=False)
+    models = load_models(args, "cpu")
+    assert models["caption"].task == "caption"
+    assert isinstance(models["itm"], str) and models["itm"].startswith(f"no model: {args.checkpoint} does not load "
+                                                                       f"as a 'itm' model")
+    args.itm_checkpoint = args.checkpoint  # the tab's own checkpoint: an error, not a message
+    with pytest.raises((CheckpointMismatchError, ValueError)):
+        load_models(args, "cpu")
