@@ -232,6 +232,8 @@ def serve(args, device, precision) -> int:
     if args.concurrency < 1:
         raise ValueError(f"--concurrency {args.concurrency}: at least 1")
     models = load_models(args, device)
+    from .tokenizer import get_tokenizer
+    get_tokenizer()  # built before the first requests: transformers' lazy imports race when threads trigger them
     itm_checkpoint = args.itm_checkpoint or args.checkpoint
     gallery = None if args.gallery is None else load_gallery(args.gallery, models["itm"], itm_checkpoint, device)
     page = build(Demo(models, device, precision, args.max_pixels, gallery), gr)
