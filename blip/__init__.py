@@ -217,15 +217,12 @@ def load_images(images, image_size: int, device=None):
     an unreadable file raises ValueError naming it."""
     import torch
     from PIL import Image
-    from .datasets import UnreadableImage, _to_rgb, read_image
+    from .datasets import _to_rgb, read_image_or_refuse
     tf = image_transform(image_size)
     out = []
     for im in images:
         if not isinstance(im, Image.Image):
-            try:
-                im = read_image(im)
-            except UnreadableImage as e:
-                raise ValueError(f"cannot read image {e}") from None
+            im = read_image_or_refuse(im)
         out.append(tf(_to_rgb(im)))
     x = torch.stack(out)
     return x if device is None else x.to(device)

@@ -30,7 +30,7 @@ def read_upload(path, max_pixels: int):
     """The uploaded file as RGB, or ValueError naming it: nothing uploaded, too many pixels, unreadable."""
     from PIL import Image
 
-    from .datasets import UnreadableImage, read_image
+    from .datasets import read_image_or_refuse
     if not path:
         raise ValueError("upload an image first")
     name = Path(path).name  # not gradio's cache folder
@@ -42,9 +42,9 @@ def read_upload(path, max_pixels: int):
     if width * height > max_pixels:
         raise ValueError(f"{name}: {width}x{height} pixels, over this demo's limit of {max_pixels:,} (--max-pixels)")
     try:
-        return read_image(path, name=name)
-    except UnreadableImage as e:  # PIL's own text repeats the full path: the name is enough on a page
-        raise ValueError(f"cannot read image {str(e).replace(str(path), name)}") from None
+        return read_image_or_refuse(path, name=name)
+    except ValueError as e:  # PIL's own text repeats the full path: the name is enough on a page
+        raise ValueError(str(e).replace(str(path), name)) from None
 
 
 def load_models(args, device) -> dict:

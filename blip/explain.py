@@ -159,11 +159,8 @@ def explain_to_folder(model, image_path, text: str, out_dir, layer: int | None =
     are drawn on display_copy(image, max_side) (small PNGs); peaks are in the image's own pixels."""
     from pathlib import Path
 
-    from .datasets import UnreadableImage, read_image
-    try:
-        image = read_image(image_path)
-    except UnreadableImage as e:
-        raise ValueError(f"cannot read image {e}") from None
+    from .datasets import read_image_or_refuse
+    image = read_image_or_refuse(image_path)
     cam = itm_gradcam(model, image, text, layer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

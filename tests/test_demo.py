@@ -22,6 +22,7 @@ from PIL import Image
 import blip
 from blip.__main__ import main
 from data.shapes import render
+from tests._tiny import scrambled_model
 
 pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("one_thread")]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -56,11 +57,7 @@ def server(tmp_path_factory):
     `blip demo` serving them. Yields (url, process, folder)."""
     _need_browser_stack()
     tmp = tmp_path_factory.mktemp("demo")
-    torch.manual_seed(0)
-    model = blip.load_model("pretrain", preset="micro", queue_size=8, med_config={"num_hidden_layers": 2})
-    with torch.no_grad():  # outputs that differ between inputs
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    model = scrambled_model("pretrain", preset="micro", queue_size=8, med_config={"num_hidden_layers": 2})
     blip.save_weights(model, tmp / "tiny.safetensors")
     rng = np.random.default_rng(0)
     (tmp / "gallery").mkdir()
@@ -136,6 +133,11 @@ def test_browser_caption_answer_gradcam_search_and_a_broken_upload(server, brows
     def tab(label):
         next(b for b in css("button[role=tab]") if b.text == label).click()
 
+    def ask(label, input_id, text, button_id):
+        tab(label)
+        css(f"#{input_id} textarea")[0].send_keys(text)
+        css(f"#{button_id}")[0].click()
+
     def upload(path):
         clear = css("#upload button[aria-label=Clear]")
         if clear:
@@ -156,15 +158,11 @@ def test_browser_caption_answer_gradcam_search_and_a_broken_upload(server, brows
     assert status("caption") == ""
     shot("caption")
 
-    tab("VQA")
-    css("#question textarea")[0].send_keys("what color is the circle?")
-    css("#answer-button")[0].click()
+    ask("VQA", "question", "what color is the circle?", "answer-button")
     wait.until(lambda d: field("answer").strip())
     assert status("answer") == ""
 
-    tab("Match + Grad-CAM")
-    css("#match-text textarea")[0].send_keys("a red circle on the left")
-    css("#match-button")[0].click()
+    ask("Match + Grad-CAM", "match-text", "a red circle on the left", "match-button")
     wait.until(lambda d: field("match-score").startswith("match probability"))
     wait.until(lambda d: len(css("#gradcam img")) >= 7)  # the whole text + 6 words
     overlays = css("#gradcam img")
@@ -172,9 +170,7 @@ def test_browser_caption_answer_gradcam_search_and_a_broken_upload(server, brows
     assert "whole text" in css("#gradcam")[0].text and "circle" in css("#gradcam")[0].text
     shot("gradcam")
 
-    tab("Search")
-    css("#query textarea")[0].send_keys("a blue square on the right")
-    css("#search-button")[0].click()
+    ask("Search", "query", "a blue square on the right", "search-button")
     wait.until(lambda d: len(css("#search-results img")) >= 5)
     ranking = field("search-ranking").splitlines()
     assert len(ranking) == 5 and ranking[0].startswith("1. ") and ".png" in ranking[0]

@@ -14,6 +14,7 @@ from blip.__main__ import main
 from blip.explain import default_layer, itm_gradcam, vision_grid
 from blip.med import MultiHeadAttention, keep_attention_probs
 from data.shapes import SIZES, captions, layout
+from tests._tiny import scrambled_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TWO_LAYERS = dict(preset="micro", queue_size=8, med_config={"num_hidden_layers": 2})
@@ -21,14 +22,8 @@ RESNET = dict(vision_backbone="resnet18", vision_backbone_args=dict(channels=[8,
                                                                     output_stride=8))
 
 
-def _scrambled(task, seed=0, **options):
-    """A model whose outputs differ between inputs (micro models start near-uniform)."""
-    torch.manual_seed(seed)
-    model = blip.load_model(task, **{**TWO_LAYERS, **options})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
+def _scrambled(task, **options):
+    return scrambled_model(task, **{**TWO_LAYERS, **options})
 
 
 def test_explicit_attention_gives_sdpas_outputs_and_only_where_asked():
