@@ -124,13 +124,14 @@ class Demo:
 
     def match(self, path, text):
         from .explain import display_copy, itm_gradcam, overlay
+        from .tokenizer import pre_caption
         if not text or not text.strip():
             raise ValueError("give a text to match")
         image, x = self.pixels(path, "itm")
         model = self.models["itm"]
         with torch.inference_mode(), self.autocast():
             _, image_feat = model.image_features(x)
-            itc = float(image_feat.float() @ model.text_features([text])[2].float().t())
+            itc = float(image_feat.float() @ model.text_features([pre_caption(text)])[2].float().t())
         with self.autocast():
             cam = itm_gradcam(model, x, text)
         shown = display_copy(image, 384)
