@@ -7,6 +7,7 @@ Public API:
     save_weights(model, path)
     init_from_files(model, vision=FILE, text=BERT_DIR)   the original's unimodal start (ImageNet ViT, BERT)
     blip.inference: caption / answer / itm / embed_images / search / classify over whole collections (yield rows)
+    itm_gradcam(model, image, text, layer=None)   Grad-CAM: where each word is (blip.explain: overlays, peaks)
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .checkpoint import CheckpointMismatchError, load_into, read_metadata, resol
 from .models import PRESETS, TASKS, ModelConfig
 from .pretrained import init_from_files
 
-__all__ = ["inference", "load_model", "from_transformers", "to_transformers", "image_transform", "load_images",
+__all__ = ["inference", "explain", "itm_gradcam", "load_model", "from_transformers", "to_transformers", "image_transform", "load_images",
            "save_weights", "init_from_files", "ModelConfig", "PRESETS", "TASKS", "CheckpointMismatchError"]
 
 
@@ -216,18 +217,16 @@ def load_images(images, image_size: int, device=None):
     an unreadable file raises ValueError naming it."""
     import torch
     from PIL import Image
-    from .datasets import UnreadableImage, _to_rgb, read_image
+    from .datasets import _to_rgb, read_image_or_refuse
     tf = image_transform(image_size)
     out = []
     for im in images:
         if not isinstance(im, Image.Image):
-            try:
-                im = read_image(im)
-            except UnreadableImage as e:
-                raise ValueError(f"cannot read image {e}") from None
+            im = read_image_or_refuse(im)
         out.append(tf(_to_rgb(im)))
     x = torch.stack(out)
     return x if device is None else x.to(device)
 
 
 from . import inference  # noqa: E402  (after the API above: it imports blip.datasets)
+from .explain import itm_gradcam  # noqa: E402

@@ -9,6 +9,9 @@
     blip search   --gallery gallery.safetensors --query "..." [--queries FILE] [--k 5] [--rerank 20] [--faiss]
     blip classify SOURCES... [--labels a,b,c | --labels-file F] [--template "a photo of a {}."] [--k 5]
                   [--rerank 3] [--truth labels.csv]   accuracy when sub-folders (one per class) or --truth give labels
+    blip explain  IMAGE --text "..." -o out/ [--layer N]   Grad-CAM: one overlay PNG per word + gradcam.json (peaks)
+    blip demo     [--port 7860] [--gallery gallery.safetensors]   web demo on 127.0.0.1 (pip install -r
+                  requirements-demo.txt)
 
 SOURCES: image files, folders (recursive), globs ('photos/**/*.jpg'), a .txt file of paths, a .json annotation
 file, local .tar shards (`shards/{000..009}.tar`). Images are decoded in --workers DataLoader workers and run
@@ -75,15 +78,18 @@ def parse_sets(items) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blip", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--checkpoint", help="original .pth, our .safetensors, a training output folder or its "
-                                            "checkpoint_latest.pt, or a transformers directory (none: random weights)")
-    model.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                       help="model options (see blip.ModelConfig), e.g. vit=large image_size=480")
-    model.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    prec = model.add_mutually_exclusive_group()
+    one_model = argparse.ArgumentParser(add_help=False)  # what loads a model (every command)
+    one_model.add_argument("--checkpoint", help="original .pth, our .safetensors, a training output folder or its "
+                                                "checkpoint_latest.pt, or a transformers directory (none: random "
+                                                "weights)")
+    one_model.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                           help="model options (see blip.ModelConfig), e.g. vit=large image_size=480")
+    one_model.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    prec = one_model.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_true", help="bfloat16 weights and compute")
     prec.add_argument("--fp16", action="store_true", help="float16 autocast")
+    one_model.add_argument("-v", "--verbose", action="store_true", help="log what the checkpoint loader did")
+    model = argparse.ArgumentParser(add_help=False, parents=[one_model])  # ... and runs it over a collection
     model.add_argument("--batch-size", type=int, default=8)
     model.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (0: in-process)")
     model.add_argument("-o", "--output", help="stream rows to this .jsonl or .csv (resumable)")
@@ -92,7 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "(without it, an output of another request is refused)")
     model.add_argument("--json", action="store_true", help="printed rows: one JSON object per line")
     model.add_argument("--no-progress", action="store_true", help="no progress bar")
-    model.add_argument("-v", "--verbose", action="store_true", help="log what the checkpoint loader did")
     images = argparse.ArgumentParser(add_help=False)
     images.add_argument("images", nargs="+", metavar="SOURCE",
                         help="image files, folders, globs, a .txt of paths, a .json annotation file, .tar shards")
@@ -157,6 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--k", type=int, default=5, help="labels per image")
     k.add_argument("--rerank", type=int, default=0, help="re-rank the top N labels by ITM")
     k.add_argument("--truth", help="CSV `image,label` of true labels (for accuracy)")
+
+    x = sub.add_parser("explain", parents=[one_model, itc], help="Grad-CAM: where each word of a text is in an "
+                                                                 "image (one overlay PNG per word)")
+    x.add_argument("image", metavar="IMAGE")
+    x.add_argument("--text", required=True)
+    x.add_argument("-o", "--output", required=True, help="folder for NN_word.png, text.png and gradcam.json")
+    x.add_argument("--layer", type=int, help="cross-attention layer of the ITM text encoder (0-based; default: "
+                                             "two thirds up, 8 of 12 for BLIP-base, never the last)")
+
+    d = sub.add_parser("demo", parents=[one_model], help="a web demo in the browser (pip install -r "
+                                                         "requirements-demo.txt): caption, VQA, ITM + Grad-CAM, "
+                                                         "search")
+    d.add_argument("--caption-checkpoint", help="the caption tab's model (default: --checkpoint as a caption model)")
+    d.add_argument("--vqa-checkpoint", help="the VQA tab's model (default: --checkpoint as a VQA model)")
+    d.add_argument("--itm-checkpoint", help="the matching and search tabs' model (default: --checkpoint)")
+    d.add_argument("--gallery", help="the search tab's gallery: the output of `blip embed` by the matching model")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--concurrency", type=int, default=2, help="requests run at once; the rest wait in a queue")
+    d.add_argument("--max-pixels", type=int, default=40_000_000, help="larger uploads are refused")
     return p
 
 
@@ -259,13 +284,18 @@ def run(args) -> int:
         from .checkpoint import resolve_checkpoint
         args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if not args.output and args.command != "search":
+        if not getattr(args, "output", None) and args.command != "search":
             raise ValueError("under torchrun give --output: the ranks' parts are merged into it")
         _, _, _, device = dist.init_distributed(args.device)
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("error: --device cuda, but CUDA is not available")
+    if args.command == "explain":
+        return _explain(args, device, precision)
+    if args.command == "demo":
+        from .demo import serve
+        return serve(args, device, precision)
     try:
         return _run(args, device, precision, dist, inf, pre_caption, pre_question)
     finally:
@@ -474,6 +504,18 @@ def _search(args, device, common, dist, inf) -> int:
             writer.close()
         for it, why in bad:
             print(f"unreadable: {why}", file=sys.stderr)
+    return 0
+
+
+def _explain(args, device, precision) -> int:
+    from .explain import explain_to_folder
+    from .precision import autocast
+    model = load(model_task(args), args, device)
+    with autocast(device, precision):
+        report = explain_to_folder(model, args.image, args.text, args.output, layer=args.layer)
+    peaks = ", ".join(f"{w['word']} ({w['peak']['x']:.0f},{w['peak']['y']:.0f})" for w in report["words"])
+    print(f"itm={report['itm']:.4f} layer {report['layer']}: {peaks}; {len(report['words']) + 1} overlays and "
+          f"gradcam.json in {args.output}")
     return 0
 
 

@@ -133,6 +133,14 @@ def read_image(src, name=None) -> Image.Image:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
 
+def read_image_or_refuse(src, name=None) -> Image.Image:
+    """read_image for a user's own file: its failure a plain ValueError, 'cannot read image NAME: reason'."""
+    try:
+        return read_image(src, name)
+    except UnreadableImage as e:
+        raise ValueError(f"cannot read image {e}") from None
+
+
 class UnreadableEvalImages(RuntimeError):
     """An evaluation dataset met unreadable images: evaluation stops, naming every one."""
 

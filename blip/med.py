@@ -8,11 +8,15 @@ The role is chosen by arguments (`encoder_hidden_states`, `causal`), never by mo
 parameter names are BERT's, i.e. the original checkpoint's (`embeddings.word_embeddings`,
 `encoder.layer.N.attention.self.query`, `...crossattention.output.LayerNorm`, `cls.predictions.*`), so both
 the original `.pth` files and transformers' BLIP load without renaming. Every attention is one call to
-`F.scaled_dot_product_attention`. NLVR2's two-image layers are an option of the same stack.
+`F.scaled_dot_product_attention` (inside `keep_attention_probs`, for Grad-CAM only, the chosen modules write it out
+and keep the probabilities). NLVR2's two-image layers are an option of the same stack.
 """
 from __future__ import annotations
 
 import json
+import math
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -21,6 +25,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MASK_VALUE = -10000.0  # the original's additive mask value: (1 - mask) * -10000
+_KEPT = threading.local()  # keep_attention_probs' opt-in, per thread: a server's other requests keep SDPA
+
+
+@contextmanager
+def keep_attention_probs(*modules: "MultiHeadAttention"):
+    """Inside, in this thread only, these attention modules compute softmax(QK^T/sqrt(d) + mask) explicitly and
+    keep it (SDPA never materialises the probabilities); yields {module: probabilities [B, heads, Lq, Lk]}, filled
+    by the forward passes run inside. Grad-CAM (blip.explain) differentiates a score with respect to them."""
+    kept = {m: None for m in modules}
+    outer = getattr(_KEPT, "probs", None)
+    _KEPT.probs = kept
+    try:
+        yield kept
+    finally:
+        _KEPT.probs = outer
 
 
 @dataclass
@@ -133,12 +152,21 @@ class MultiHeadAttention(nn.Module):
         if group > 1:  # beams of one image share its K/V
             nh, L, d = q.shape[1], q.shape[2], q.shape[3]
             q = q.view(b, group, nh, L, d).transpose(1, 2).reshape(b, nh, group * L, d)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            out = self._attend(q, k, v, mask, p)
             out = out.view(b, nh, group, L, d).transpose(1, 2).reshape(b * group, nh, L, d)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            out = self._attend(q, k, v, mask, p)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return out, kv
+
+    def _attend(self, q, k, v, mask, p):
+        kept = None if torch.compiler.is_compiling() else getattr(_KEPT, "probs", None)
+        if kept is None or self not in kept:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        probs = (scores if mask is None else scores + mask).softmax(-1)
+        kept[self] = probs
+        return F.dropout(probs, p) @ v
 
 
 class AddNorm(nn.Module):

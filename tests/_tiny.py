@@ -39,3 +39,15 @@ def tiny_model(task_cls, cfg, seed=0):
     """The task's model at the config's (micro) sizes, from a fixed seed."""
     torch.manual_seed(seed)
     return task_cls(cfg).build_model()
+
+
+def scrambled_model(task, seed=0, scale=0.3, **options):
+    """blip.load_model(task, **options) from `seed`, every weight moved by `scale` noise: outputs that differ between
+    inputs (a freshly initialised micro model's are near-uniform)."""
+    import blip
+    torch.manual_seed(seed)
+    model = blip.load_model(task, **options)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
