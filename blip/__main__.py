@@ -277,7 +277,6 @@ def run(args) -> int:
 
     from . import distributed as dist
     from . import inference as inf
-    from .tokenizer import pre_caption, pre_question
 
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     if args.checkpoint is not None:  # a training folder: the weights file it holds, named in every message
@@ -297,7 +296,7 @@ def run(args) -> int:
         from .demo import serve
         return serve(args, device, precision)
     try:
-        return _run(args, device, precision, dist, inf, pre_caption, pre_question)
+        return _run(args, device, precision, dist, inf)
     finally:
         dist.cleanup()
 
@@ -358,7 +357,8 @@ def _texts(args) -> list[str] | None:
     return texts or None
 
 
-def _run(args, device, precision, dist, inf, pre_caption, pre_question) -> int:
+def _run(args, device, precision, dist, inf) -> int:
+    from .tokenizer import pre_caption, pre_question
     common = dict(precision=precision, workers=args.workers)
     settings = {"precision": precision, "device": device.type}
     if args.command == "search":

@@ -247,7 +247,7 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = AddNorm(cfg.intermediate_size, cfg)
 
-    def forward(self, x, self_mask, context=None, context_mask=None, cross_kv=None, past=None, cache=None):
+    def forward(self, x, self_mask, context=None, context_mask=None, *, cross_kv=None, past=None, cache=None):
         x, kv = self.attention(x, self_mask, past=past, cache=cache)
         if isinstance(context, (list, tuple)):  # NLVR2: two images
             x = self.crossattention(x, context_mask, context)
@@ -304,7 +304,7 @@ class TextModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.apply(init_bert_weights)
 
-    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, *,
                 causal: bool = False, cross_kv=None, past=None, use_cache: bool = False, cache=None):
         """Returns the last hidden states [B, L, h] (and the self-attention cache when `use_cache`).
 
@@ -331,14 +331,13 @@ class TextModel(nn.Module):
         ckpt = self.encoder.gradient_checkpointing and self.training and torch.is_grad_enabled()
         grown = []
         for i, layer in enumerate(self.encoder.layer):
-            args = (x, self_mask, encoder_hidden_states, ctx_mask,
-                    None if cross_kv is None else cross_kv[i], None if past is None else past[i])
-            if cache is not None:
-                x, kv = layer(*args[:5], cache=past[i])
-            elif ckpt:
-                x, kv = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            step = {"cache" if cache is not None else "past": None if past is None else past[i],
+                    "cross_kv": None if cross_kv is None else cross_kv[i]}
+            if ckpt:
+                x, kv = torch.utils.checkpoint.checkpoint(layer, x, self_mask, encoder_hidden_states, ctx_mask,
+                                                          use_reentrant=False, **step)
             else:
-                x, kv = layer(*args)
+                x, kv = layer(x, self_mask, encoder_hidden_states, ctx_mask, **step)
             grown.append(kv)
         return (x, grown) if use_cache else x
 
@@ -409,7 +408,7 @@ class TextDecoder(nn.Module):
         self.cls.predictions.transform.apply(init_bert_weights)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+    def forward(self, input_ids, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, *,
                 cross_kv=None, past=None, use_cache=False):
         out = self.bert(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, causal=True,
                         cross_kv=cross_kv, past=past, use_cache=use_cache)
@@ -417,7 +416,7 @@ class TextDecoder(nn.Module):
             return self.cls.predictions(out[0]), out[1]
         return self.cls.predictions(out)
 
-    def loss(self, input_ids, labels, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+    def loss(self, input_ids, labels, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None, *,
              reduction: str = "mean", label_smoothing: float = 0.1, positions=None):
         """`lm_loss` of `labels` (the inputs with ignored positions −100), vocabulary logits only at targets."""
         h = self.bert(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, causal=True)

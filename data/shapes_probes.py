@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.shapes import (BACKGROUNDS, COLORS, KINDS, NUMBER, PLURAL, POS_PHRASE, POSITIONS, SIZES, _background,
+from data.shapes import (BACKGROUNDS, COLORS, KINDS, NUMBER, PLURAL, POS_PHRASE, SIZES, _background,
                          _draw_shape, _pick, captions, render, sample_scene, split_ids)
 
 RELATIONS = {"left": ("to the left of", "to the right of"), "above": ("above", "below")}

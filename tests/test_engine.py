@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-import blip
 from blip.engine import ResumableSampler, fit
 from blip.schedules import SCHEDULES
 from blip.tasks import CaptionTask, NLVRTask, PretrainTask

@@ -6,7 +6,6 @@ every tensor of each original checkpoint as a rule, the inputs, and what the ori
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 
