@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_step(name, script, config, out, sets, a):
+def run_step(name, script, config, out, sets, a, side_by_side=False):
     """Run one entry script unless its output is there; returns the output folder."""
     out = Path(out)
     done = out / ("capfilt.json" if script == "capfilt.py" else "model.safetensors")
@@ -56,7 +56,7 @@ def run_step(name, script, config, out, sets, a):
         cmd += ["--set", *sets]
     print(f"[bootstrap] {name}: {' '.join(cmd)}", flush=True)
     # side by side (--jobs 2), each step gets one thread: two spinning OpenMP pools on the same cores crawl
-    env = dict(os.environ, OMP_NUM_THREADS="1") if a.jobs > 1 else None
+    env = dict(os.environ, OMP_NUM_THREADS="1") if side_by_side and a.jobs > 1 else None
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     return out
 
@@ -111,7 +111,8 @@ def main(argv=None):
     p.add_argument("--filter-only", action="store_true", help="also pretrain on the kept web pairs alone")
     p.add_argument("--world", default=None, help="shapes-world folder (default: the configs' shapes.out_dir)")
     p.add_argument("--jobs", type=int, default=1, choices=(1, 2),
-                   help="2: fine-tune the captioner and the filter at the same time, one thread each")
+                   help="2: fine-tune the captioner and the filter at the same time, one thread each (the other "
+                        "steps keep torch's threads)")
     a = p.parse_args(argv)
     for script in ("pretrain.py", "train_caption.py", "train_retrieval.py", "capfilt.py"):
         if not (ROOT / script).exists():
@@ -129,9 +130,9 @@ def main(argv=None):
     init = f"pretrained={noisy / 'model.safetensors'}"  # the alias map restores the decoder's tied weights
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # the two fine-tunes are independent
         cap = pool.submit(run_step, "2/5 fine-tune captioner", "train_caption.py", "shapes_caption.yaml",
-                          out / "captioner", [*data, init], a)
+                          out / "captioner", [*data, init], a, side_by_side=True)
         filt = pool.submit(run_step, "3/5 fine-tune filter", "train_retrieval.py", "shapes_retrieval.yaml",
-                           out / "filter", [*data, init], a)
+                           out / "filter", [*data, init], a, side_by_side=True)
         cap, filt = cap.result(), filt.result()
     cf = run_step("4/5 capfilt", "capfilt.py", "shapes_capfilt.yaml", out / "capfilt",
                   [f"shapes.out_dir={world}", f"train_file=[{world / 'pretrain.json'}]",
