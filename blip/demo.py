@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from argparse import Namespace
 from contextlib import nullcontext
@@ -81,6 +82,7 @@ class Demo:
     def __init__(self, models: dict, device, precision: str, max_pixels: int, gallery=None):
         self.models, self.device, self.precision, self.max_pixels = models, device, precision, max_pixels
         self.gallery = gallery  # (image ids, features) or None
+        self.outbox = tempfile.TemporaryDirectory(prefix="blip-demo-")  # the images the page shows, one file each
         # a CUDA decode step is captured once per shape and replayed (blip.generation): one request at a time there
         self.decode_lock = threading.Lock() if torch.device(device).type == "cuda" else nullcontext()
 
@@ -96,13 +98,22 @@ class Demo:
         model = self.model(tab)
         return image, load_images([image], model.cfg.image_size, self.device).to(next(model.parameters()).dtype)
 
+    def shown(self, image) -> str:
+        """An output image as a file of its own. gradio rewrites its cached copy of a PIL output in place each time
+        a request makes the same pixels, so a concurrent download could read it half-written (seen: 1 in 4 runs of
+        20 concurrent requests); a path is copied into gradio's cache once, atomically."""
+        fd, path = tempfile.mkstemp(suffix=".png", dir=self.outbox.name)
+        os.close(fd)
+        image.save(path)
+        return path
+
     def autocast(self):
         from .precision import autocast
         return autocast(self.device, self.precision)
 
     def preview(self, path):
         from .explain import display_copy
-        return (display_copy(read_upload(path, self.max_pixels), 512),)
+        return (self.shown(display_copy(read_upload(path, self.max_pixels), 512)),)
 
     def caption(self, path, method, beams, top_p):
         _, x = self.pixels(path, "caption")
@@ -135,8 +146,8 @@ class Demo:
         with self.autocast():
             cam = itm_gradcam(model, x, text)
         shown = display_copy(image, 384)
-        maps = [(overlay(shown, cam.text_map), "whole text")]
-        maps += [(overlay(shown, heat), word) for word, heat in zip(cam.words, cam.word_maps)]
+        maps = [(self.shown(overlay(shown, cam.text_map)), "whole text")]
+        maps += [(self.shown(overlay(shown, heat)), word) for word, heat in zip(cam.words, cam.word_maps)]
         return f"match probability {cam.itm:.3f}, ITC similarity {itc:.3f} (Grad-CAM layer {cam.layer})", maps
 
     def search(self, query, k):
@@ -158,7 +169,7 @@ class Demo:
                 image = None
             if image is not None:
                 image.thumbnail((256, 256))
-            found.append((image, f"{r['rank']}. {Path(r['image']).name}  {r['score']:.3f}"))
+            found.append((None if image is None else self.shown(image), f"{r['rank']}. {Path(r['image']).name}  {r['score']:.3f}"))
         return [(im, label) for im, label in found if im is not None], "\n".join(label for _, label in found)
 
 
