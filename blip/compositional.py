@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .datasets import ImageFiles, collate_image_files
-from .tokenizer import DEC_ID, ENC_ID, pre_caption
+from .tokenizer import DEC_ID, ENC_ID, first_token_as, pre_caption
 from .transforms import test_transform
 
 HEADS = ("itc", "itm", "itc+itm", "caption")
@@ -378,8 +378,7 @@ class ProbeScorer:
                 r = rows[s:s + self.pair_batch].to(m.device)
                 ids, mask, feat = m.text_features(texts[s:s + self.pair_batch])
                 itc.append((image_feat[r] * feat).sum(-1).float())
-                ids = ids.clone()
-                ids[:, 0] = self.itm_first_token
+                ids = first_token_as(ids, self.itm_first_token)
                 images, index = r.unique(return_inverse=True)
                 itm.append(m.itm_logits(image_embeds[images], ids, mask, image_index=index)[:, 1].float())
             itc, itm = torch.cat(itc).cpu(), torch.cat(itm).cpu()

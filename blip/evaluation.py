@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from . import distributed as dist
 from .checkpoint import atomic_write
 from .metrics import accuracy, caption_scores, retrieval_recall, vqa_accuracy
+from .tokenizer import first_token_as
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def evaluate_retrieval(model, dataset, *, k_test=256, batch_size=64, num_workers
     was_training = model.training
     model.eval()
     image_embeds, image_feat, ids, mask, text_feat = retrieval_features(model, dataset, batch_size, num_workers)
-    ids[:, 0] = model.itm_first_token  # [ENC] for the retrieval and pretraining models' re-rank
+    ids = first_token_as(ids, model.itm_first_token)  # [ENC] for the retrieval and pretraining models' re-rank
     sims = image_feat @ text_feat.t()
     world, rank = dist.get_world_size(), dist.get_rank()
 

@@ -45,6 +45,14 @@ def tokenize(texts, *, max_length=None, padding="longest", first_token=None, dev
     return ids, mask
 
 
+def first_token_as(ids, token: int):
+    """A copy of `ids` whose first position is `token`: the tokenizer's [CLS] becomes [ENC] for image-grounded
+    matching or [DEC] for the decoder (the input is left as it is: it is usually a cached or shared batch)."""
+    ids = ids.clone()
+    ids[:, 0] = token
+    return ids
+
+
 def decode(ids) -> str:
     # clean_up_tokenization_spaces=True: the original ran transformers 4.15, where that was the default.
     return get_tokenizer().decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)

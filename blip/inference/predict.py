@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..precision import autocast as precision_context
-from ..tokenizer import pre_caption, pre_question
+from ..tokenizer import first_token_as, pre_caption, pre_question
 from .inputs import Item, collect, image_batches
 
 def as_items(images) -> list[Item]:
@@ -86,9 +86,7 @@ def _text_features(model, texts, precision, chunk=256):
     width = max(i.shape[1] for i in ids)
     ids = torch.cat([F.pad(i, (0, width - i.shape[1])) for i in ids])
     mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in mask])
-    ids = ids.clone()
-    ids[:, 0] = model.itm_first_token
-    return ids, mask, torch.cat(feats)
+    return first_token_as(ids, model.itm_first_token), mask, torch.cat(feats)
 
 
 def _itm_matrix(model, image_embeds, ids, mask, pairs_per_call=128):
@@ -137,8 +135,7 @@ def itm(model, images, texts=None, *, batch_size=8, workers=2, precision="fp32",
                 continue
             own = [pre_caption(it.text) for it in batch]
             pid, pmask, pfeat = model.text_features(own)
-            pid = pid.clone()
-            pid[:, 0] = model.itm_first_token
+            pid = first_token_as(pid, model.itm_first_token)
             prob = model.itm_logits(image_embeds, pid, pmask).float().softmax(-1)[:, 1]
             sim = (image_feat.float() * pfeat.float()).sum(-1)
         for it, t, p, s in zip(batch, own, prob.tolist(), sim.tolist()):

@@ -15,7 +15,7 @@ from ..batches import PairBatch, sample_one
 from ..losses import draw_hard_negatives, itc_loss, itm_pairs
 from ..med import TextDecoder, TextModel, tie_decoder_to_encoder
 from ..precision import autocast
-from ..tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID
+from ..tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID, first_token_as
 from .base import BlipModel, MomentumMixin
 
 
@@ -99,8 +99,7 @@ class BlipITM(BlipModel):
             image_embeds, image_feat = self.image_features(pixel_values)
         if text_feat is None:
             text_ids, text_mask, text_feat = self.text_features(texts)
-        text_ids = text_ids.clone()
-        text_ids[:, 0] = self.itm_first_token
+        text_ids = first_token_as(text_ids, self.itm_first_token)
         sims = image_feat @ text_feat.t()
         n_img, n_txt = sims.shape
         score_i2t = self.rerank(sims, k_test, image_embeds, text_ids, text_mask, queries_are_images=True,
@@ -198,8 +197,7 @@ class _Contrastive(MomentumMixin, BlipITM):
         text index for each image), into the local batch or, with `all_rank`, the batch of every rank.
         The batch's hard captions (NegCLIP) add one row (one of image i's own hard captions, image i), label 0, for
         each image that has one."""
-        ids, mask = batch.ids.clone(), batch.mask
-        ids[:, 0] = self.itm_first_token
+        ids, mask = first_token_as(batch.ids, self.itm_first_token), batch.mask
         neg_images, neg_ids, neg_mask = image_embeds, ids, mask
         if all_rank:  # gathered ids must share one width across ranks
             pad = self.text_max_length - ids.shape[1]
@@ -213,8 +211,7 @@ class _Contrastive(MomentumMixin, BlipITM):
         if batch.neg_ids is not None:
             with torch.no_grad():
                 picked = sample_one(batch.neg_weights, generator)  # one of each row's own, uniformly
-            n_ids, n_mask = batch.neg_ids[picked].clone(), batch.neg_mask[picked]
-            n_ids[:, 0] = self.itm_first_token
+            n_ids, n_mask = first_token_as(batch.neg_ids[picked], self.itm_first_token), batch.neg_mask[picked]
             width = max(ids.shape[1], n_ids.shape[1])
             ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=PAD_ID),
                              F.pad(n_ids, (0, width - n_ids.shape[1]), value=PAD_ID)])
@@ -318,8 +315,7 @@ class BlipPretrain(_Contrastive):
                 hard_negatives = draw_hard_negatives(w_t2i, w_i2t, generator=generator)
         loss_itm = self.itm_loss(image_embeds, batch, hard_negatives, all_rank, generator)
 
-        dec_ids = batch.ids.clone()
-        dec_ids[:, 0] = DEC_ID
+        dec_ids = first_token_as(batch.ids, DEC_ID)
         targets = dec_ids.masked_fill(dec_ids == PAD_ID, -100)
         loss_lm = self.text_decoder.loss(dec_ids, targets, batch.mask, image_embeds, positions=batch.lm_positions)
         out = {"loss_ita": loss_ita, "loss_itm": loss_itm, "loss_lm": loss_lm}
