@@ -101,6 +101,7 @@ for P in fp32 bf16; do
   bg verb_answer_$P 120 $PY -m blip answer $IMGS --checkpoint $VK --question "what color is the shape?" "${V[@]}" -o $W/v_$P/answers.jsonl --overwrite
   bg verb_answer_rank_$P 120 $PY -m blip answer $IMGS --checkpoint $VK --question "what color is the shape?" --rank --answer-list $W/world/answer_list.json "${V[@]}" -o $W/v_$P/ranked.jsonl --overwrite
   bg verb_itm_$P 120 $PY -m blip itm $IMGS --checkpoint $RK --task retrieval --text "a red circle" --text "two blue squares" "${V[@]}" -o $W/v_$P/itm.jsonl --overwrite
+  bg verb_explain_$P 120 $PY -m blip explain "$(find $IMGS -name '*.png' | sort | head -1)" --text "a red circle on the left" --checkpoint $RK --task retrieval --device $D $F -o $W/v_$P/explain
   bg verb_classify_$P 120 $PY -m blip classify $IMGS --checkpoint $RK --task retrieval --labels circle,square,triangle --rerank 2 "${V[@]}" -o $W/v_$P/classes.jsonl --overwrite
   ( step verb_embed_$P 120 $PY -m blip embed $IMGS --checkpoint $RK --task retrieval "${V[@]}" -o $W/v_$P/gallery.safetensors --overwrite &&
     step verb_search_$P 120 $PY -m blip search --gallery $W/v_$P/gallery.safetensors --query "a red circle" --k 3 --rerank 5 --checkpoint $RK --task retrieval "${V[@]}" ) &
