@@ -9,7 +9,7 @@
     blip search   --gallery gallery.safetensors --query "..." [--queries FILE] [--k 5] [--rerank 20] [--faiss]
     blip classify SOURCES... [--labels a,b,c | --labels-file F] [--template "a photo of a {}."] [--k 5]
                   [--rerank 3] [--truth labels.csv]   accuracy when sub-folders (one per class) or --truth give labels
-    blip explain  IMAGE --text "..." -o out/ [--layer N]   Grad-CAM: one overlay PNG per word + gradcam.json (peaks)
+    blip explain  IMAGE --text "..." -o out/ [--layer N] [--overwrite]   Grad-CAM: one overlay PNG per word + gradcam.json (peaks)
     blip demo     [--port 7860] [--gallery gallery.safetensors]   web demo on 127.0.0.1 (pip install -r
                   requirements-demo.txt)
 
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("image", metavar="IMAGE")
     x.add_argument("--text", required=True)
     x.add_argument("-o", "--output", required=True, help="folder for NN_word.png, text.png and gradcam.json")
+    x.add_argument("--overwrite", action="store_true", help="a folder holding an earlier explanation is moved aside")
     x.add_argument("--layer", type=int, help="cross-attention layer of the ITM text encoder (0-based; default: "
                                              "two thirds up, 8 of 12 for BLIP-base, never the last)")
 
@@ -512,7 +513,8 @@ def _explain(args, device, precision) -> int:
     from .precision import autocast
     model = load(model_task(args), args, device)
     with autocast(device, precision):
-        report = explain_to_folder(model, args.image, args.text, args.output, layer=args.layer)
+        report = explain_to_folder(model, args.image, args.text, args.output, layer=args.layer,
+                                   overwrite=args.overwrite)
     peaks = ", ".join(f"{w['word']} ({w['peak']['x']:.0f},{w['peak']['y']:.0f})" for w in report["words"])
     print(f"itm={report['itm']:.4f} layer {report['layer']}: {peaks}; {len(report['words']) + 1} overlays and "
           f"gradcam.json in {args.output}")

@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from argparse import Namespace
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 TABS = ("caption", "vqa", "itm")  # the model each tab needs (itm: matching and search)
+OUTBOX_SECONDS = 600  # an output image file lives this long (gradio copies it into its own cache when it answers)
 
 
 def read_upload(path, max_pixels: int):
@@ -72,7 +74,7 @@ def load_models(args, device) -> dict:
         except user_errors() as e:
             if own[tab]:
                 raise
-            models[tab] = f"no model: {checkpoint} does not load as a {tab!r} model ({one_line(e)[7:]})"
+            models[tab] = f"no model: {checkpoint} does not load as a {tab!r} model ({one_line(e).removeprefix('error: ')})"
     return models
 
 
@@ -102,6 +104,10 @@ class Demo:
         """An output image as a file of its own. gradio rewrites its cached copy of a PIL output in place each time
         a request makes the same pixels, so a concurrent download could read it half-written (seen: 1 in 4 runs of
         20 concurrent requests); a path is copied into gradio's cache once, atomically."""
+        now = time.time()  # gradio has copied older ones into its cache: a long-running page keeps its disk bounded
+        for old in Path(self.outbox.name).glob("*.png"):
+            if now - old.stat().st_mtime > OUTBOX_SECONDS:
+                old.unlink(missing_ok=True)
         fd, path = tempfile.mkstemp(suffix=".png", dir=self.outbox.name)
         os.close(fd)
         image.save(path)
@@ -194,7 +200,8 @@ def build(demo: Demo, gr):
     def status(name):
         return gr.Markdown(elem_id=f"{name}-status")
 
-    with gr.Blocks(title="BLIP demo", analytics_enabled=False) as page:
+    # delete_cache: gradio's copies of uploads and outputs older than an hour go, checked every 10 minutes
+    with gr.Blocks(title="BLIP demo", analytics_enabled=False, delete_cache=(600, 3600)) as page:
         gr.Markdown("## BLIP: caption, ask, match (Grad-CAM per word) and search")
         with gr.Row():
             upload = gr.File(label="Image", type="filepath", elem_id="upload")

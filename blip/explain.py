@@ -153,28 +153,37 @@ def display_copy(image, max_side: int = 768, min_side: int = 256):
     return image.resize(size, Image.NEAREST if scale > 1 else Image.BICUBIC)
 
 
-def explain_to_folder(model, image_path, text: str, out_dir, layer: int | None = None, max_side: int = 768) -> dict:
+def explain_to_folder(model, image_path, text: str, out_dir, layer: int | None = None, max_side: int = 768,
+                      overwrite: bool = False) -> dict:
     """`blip explain`: one overlay PNG per word (NN_word.png) and one of the whole text (text.png) under
     `out_dir`, and gradcam.json: the match probability and each map's peak in the image's own pixels. Overlays
-    are drawn on display_copy(image, max_side) (small PNGs); peaks are in the image's own pixels."""
+    are drawn on display_copy(image, max_side) (small PNGs); peaks are in the image's own pixels. A folder that
+    holds an earlier explanation is refused unless `overwrite` (then moved aside, as every output of the project)."""
+    import json
     from pathlib import Path
 
+    from .checkpoint import atomic_write, move_aside
     from .datasets import read_image_or_refuse
-    image = read_image_or_refuse(image_path)
-    cam = itm_gradcam(model, image, text, layer)
+    from .errors import OutputExistsError
+    image = read_image_or_refuse(image_path)  # a bad input is named before any output is refused or moved
     out = Path(out_dir)
+    if (out / "gradcam.json").exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out} holds an explanation (gradcam.json): --overwrite to move it aside, or "
+                                    f"another -o")
+        move_aside(out)
+    cam = itm_gradcam(model, image, text, layer)
     out.mkdir(parents=True, exist_ok=True)
     shown = display_copy(image, max_side)
     width, height = image.size
     words = []
     for i, (word, heat) in enumerate(zip(cam.words, cam.word_maps)):
         name = f"{i:02d}_{''.join(c if c.isalnum() else '_' for c in word)}.png"
-        overlay(shown, heat).save(out / name)
+        atomic_write(out / name, lambda tmp, heat=heat: overlay(shown, heat).save(tmp, format="PNG"))
         words.append({"word": word, "file": name, "peak": cam.peak(heat, width, height)})
-    overlay(shown, cam.text_map).save(out / "text.png")
+    atomic_write(out / "text.png", lambda tmp: overlay(shown, cam.text_map).save(tmp, format="PNG"))
     report = {"image": str(image_path), "text": cam.text, "itm": cam.itm, "layer": cam.layer,
               "grid": list(cam.text_map.shape), "size": [width, height], "words": words,
               "text_map": {"file": "text.png", "peak": cam.peak(cam.text_map, width, height)}}
-    import json
-    (out / "gradcam.json").write_text(json.dumps(report, indent=2))
+    atomic_write(out / "gradcam.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     return report

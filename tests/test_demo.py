@@ -249,3 +249,16 @@ def test_a_tab_whose_model_the_checkpoint_lacks_says_why(tmp_path):
     args.itm_checkpoint = args.checkpoint  # the tab's own checkpoint: an error, not a message
     with pytest.raises((CheckpointMismatchError, ValueError)):
         load_models(args, "cpu")
+
+
+def test_output_images_are_own_files_and_old_ones_go(tmp_path, monkeypatch):
+    # a path per output (gradio copies a path into its cache atomically; a PIL output is rewritten in place), and
+    # a long-running page does not keep every image it ever showed
+    import blip.demo as demo_module
+    demo = demo_module.Demo({}, "cpu", "fp32", max_pixels=100)
+    first = demo.shown(Image.new("RGB", (8, 8), "red"))
+    second = demo.shown(Image.new("RGB", (8, 8), "red"))
+    assert first != second and Image.open(first).size == (8, 8)
+    monkeypatch.setattr(demo_module, "OUTBOX_SECONDS", -1)
+    third = demo.shown(Image.new("RGB", (8, 8), "blue"))
+    assert not Path(first).exists() and not Path(second).exists() and Path(third).exists()

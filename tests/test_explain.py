@@ -107,6 +107,15 @@ def test_blip_explain_writes_an_overlay_per_word_and_the_peaks(tmp_path, capsys)
                  "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot read image") and "broken.png" in err[0]
+    # an earlier explanation is refused, never overwritten; --overwrite moves it aside
+    again = ["explain", str(photo), "--text", "a red circle", "--checkpoint", str(ckpt), "--device", "cpu", "-o",
+             str(out)]
+    assert main(again) == 2 and "holds an explanation" in capsys.readouterr().err
+    assert json.loads((out / "gradcam.json").read_text()) == report
+    assert main([*again, "--overwrite"]) == 0
+    assert [w["word"] for w in json.loads((out / "gradcam.json").read_text())["words"]] == ["a", "red", "circle"]
+    (aside,) = tmp_path.glob("out.old-*")
+    assert json.loads((aside / "gradcam.json").read_text()) == report
 
 
 def shape_boxes(scene, size):
