@@ -49,9 +49,10 @@ def run_step(name, script, config, out, sets, a, side_by_side=False):
     elif script != "capfilt.py" and (out / "config.yaml").exists():
         cmd += ["--overwrite"]  # killed before its first checkpoint: start afresh, the old folder moved aside
     # the step's own keys (data paths, pretrained, the equal-budget max_epoch) win over the user's --set
-    sets = (list(a.sets) if script != "capfilt.py" else list(a.capfilt_sets)) + list(sets)
+    user = list(a.sets) if script != "capfilt.py" else list(a.capfilt_sets)
     if script == "train_retrieval.py":
-        sets += a.filter_sets
+        user += a.filter_sets  # the filter's own, over the shared ones
+    sets = user + list(sets)
     if sets:
         cmd += ["--set", *sets]
     print(f"[bootstrap] {name}: {' '.join(cmd)}", flush=True)

@@ -56,3 +56,23 @@ def last_evals_mean(run_dir, n=3, key="r_mean"):
     values = [r[key] for r in rows if r["event"] == "eval"][-n:]
     assert len(values) == n
     return sum(values) / n
+
+
+def test_each_step_gets_its_own_overrides_and_only_side_by_side_steps_are_pinned(tmp_path, monkeypatch):
+    # the command lines the loop runs (no training: subprocess.run is recorded instead)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bootstrap_shapes", ROOT / "scripts" / "bootstrap_shapes.py")
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    ran = []
+    monkeypatch.setattr(loop.subprocess, "run", lambda cmd, check, cwd, env: ran.append((cmd, env)))
+    a = loop.argparse.Namespace(nproc=1, device="cpu", sets=["meteor=false"], capfilt_sets=["shard_size=8"],
+                                filter_sets=["max_epoch=5"], jobs=2)
+    for script, side in (("train_retrieval.py", True), ("train_caption.py", True), ("pretrain.py", False),
+                         ("capfilt.py", False)):
+        loop.run_step(script, script, "x.yaml", tmp_path / script, ["seed=1"], a, side_by_side=side)
+    (filt, filt_env), (cap, cap_env), (pre, pre_env), (cf, cf_env) = ran
+    sets = [cmd[cmd.index("--set") + 1:] for cmd in (filt, cap, pre, cf)]
+    assert sets == [["meteor=false", "max_epoch=5", "seed=1"], ["meteor=false", "seed=1"], ["meteor=false", "seed=1"],
+                    ["shard_size=8", "seed=1"]]
+    assert filt_env["OMP_NUM_THREADS"] == cap_env["OMP_NUM_THREADS"] == "1" and pre_env is None and cf_env is None
