@@ -17,10 +17,10 @@ import logging
 
 from blip import distributed as dist
 from blip import load_model
-from blip.capfilt import CapFilt, fingerprint, list_pairs, merge, run_shards, shard_path
-from blip.checkpoint import file_identity
+from blip.inference.capfilt import CapFilt, fingerprint, list_pairs, merge, run_shards, shard_path
+from blip.models.checkpoint import file_identity
 from blip.errors import exit_on_user_error
-from blip.run import start_run
+from blip.training.run import start_run
 from data.worlds import ensure_shapes_world
 
 log = logging.getLogger("capfilt")

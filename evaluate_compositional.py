@@ -14,12 +14,12 @@ import argparse
 import torch
 
 from blip import load_model
-from blip.compositional import BENCHMARKS, ProbeScorer, evaluate, write_report
+from blip.evaluation.compositional import BENCHMARKS, ProbeScorer, evaluate, write_report
 from blip.errors import exit_on_user_error
 
 
 def _options(pairs):
-    from blip.config import parse_override
+    from blip.training.config import parse_override
     return dict(parse_override(p) for p in pairs)
 
 

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 pretrain.py --config configs/pretrain.yaml
 """
 from blip.errors import exit_on_user_error
-from blip.run import run
+from blip.training.run import run
 from blip.tasks import PretrainTask
 from data.worlds import ensure_shapes_world
 

@@ -6,7 +6,7 @@
     python train_caption.py --config configs/nocaps.yaml --evaluate                   # nocaps_{val,test}.json
 """
 from blip.errors import exit_on_user_error
-from blip.run import run
+from blip.training.run import run
 from blip.tasks import CaptionTask
 from data.worlds import ensure_shapes_world
 

@@ -5,7 +5,7 @@
     python train_nlvr.py --config configs/nlvr.yaml --evaluate                       # the `pretrained` weights
 """
 from blip.errors import exit_on_user_error
-from blip.run import run
+from blip.training.run import run
 from blip.tasks import NLVRTask
 from data.worlds import ensure_shapes_world
 

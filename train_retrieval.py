@@ -6,7 +6,7 @@ hard negatives; ITC top-k + ITM re-rank recall on val and test after every epoch
     python train_retrieval.py --config configs/retrieval_flickr.yaml --evaluate      # the `pretrained` weights
 """
 from blip.errors import exit_on_user_error
-from blip.run import run
+from blip.training.run import run
 from blip.tasks import RetrievalTask
 from data.worlds import ensure_shapes_world
 

@@ -6,7 +6,7 @@ and test after every epoch, the best dev epoch kept.
     python train_ve.py --config configs/snli_ve.yaml --evaluate                       # the `pretrained` weights
 """
 from blip.errors import exit_on_user_error
-from blip.run import run
+from blip.training.run import run
 from blip.tasks import VETask
 from data.shapes_ve import ensure_shapes_ve_world
 

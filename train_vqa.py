@@ -6,7 +6,7 @@
     python train_vqa.py --config configs/vqa.yaml --evaluate                          # the `pretrained` weights
 """
 from blip.errors import exit_on_user_error
-from blip.run import run
+from blip.training.run import run
 from blip.tasks import VQATask
 from data.worlds import ensure_shapes_world
 

@@ -40,8 +40,9 @@ BACKBONES = {  # label -> ModelConfig keys (image_size is the run's)
 
 def one(label, a) -> dict:
     import blip
-    from blip.config import load_config
-    from blip.engine import autocast, build_optimizer
+    from blip.training.config import load_config
+    from blip.precision import autocast
+    from blip.training.engine import build_optimizer
     device = torch.device(a.device)
     torch.manual_seed(0)
     task = "pretrain" if a.part == "pretrain" else "itm"

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import blip  # noqa: E402
-from blip.capfilt import CapFilt  # noqa: E402
+from blip.inference.capfilt import CapFilt  # noqa: E402
 
 
 def main(argv=None):

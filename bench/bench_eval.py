@@ -21,9 +21,9 @@ from torch.utils.data import Dataset
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench._timing import timed  # noqa: E402
 import blip  # noqa: E402
-from blip.evaluation import retrieval_features  # noqa: E402
-from blip.metrics import retrieval_recall  # noqa: E402
-from blip.tokenizer import ENC_ID  # noqa: E402
+from blip.evaluation.loops import retrieval_features  # noqa: E402
+from blip.evaluation.metrics import retrieval_recall  # noqa: E402
+from blip.data.tokenizer import ENC_ID  # noqa: E402
 
 WORDS = ("a man woman dog cat red blue green small large sitting running on the in of with near beach street "
          "table bike car tree field water snow two three people wearing holding next to").split()

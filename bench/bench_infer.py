@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench._timing import timed  # noqa: E402
 import blip  # noqa: E402
 from blip import inference  # noqa: E402
-from blip.tokenizer import DEC_ID, pre_caption  # noqa: E402
+from blip.data.tokenizer import DEC_ID, pre_caption  # noqa: E402
 
 
 

@@ -1,5 +1,5 @@
 """One BLIP pretraining step (ITC + ITM + LM with the momentum encoders, forward + backward + fused AdamW) at
-BLIP-base size, exactly as the engine runs it (`blip.engine.train_step`: LR, EMA, autocast, clipping, the optimizer)
+BLIP-base size, exactly as the engine runs it (`blip.training.engine.train_step`: LR, EMA, autocast, clipping, the optimizer)
 on a typed batch prepared once (in training the DataLoader workers prepare it while the GPU runs the step before).
 
     python bench/bench_train.py                                   # CPU fp32, batch 8 @224
@@ -28,8 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import blip  # noqa: E402
-from blip import engine  # noqa: E402
-from blip.config import load_config  # noqa: E402
+from blip.training import engine  # noqa: E402
+from blip.training.config import load_config  # noqa: E402
 from blip.tasks import PretrainTask  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16

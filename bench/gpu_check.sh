@@ -67,7 +67,7 @@ WORLD=(--set "shapes=$SHAPES" image_root=$W/world ann_root=$W/world max_epoch=1 
 # the worlds the parallel steps read, made first (two writers of one world would race)
 $PY - "$W" "$SHAPES" >> "$LOG" 2>&1 <<'PY'
 import sys
-from blip.config import load_config
+from blip.training.config import load_config
 from data.worlds import ensure_shapes_world
 from data.shapes_probes import ensure_pair_world
 from data.shapes_ve import ensure_shapes_ve_world

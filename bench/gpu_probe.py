@@ -4,7 +4,7 @@ the same checks on the CPU). Each check prints one line, `check NAME: ok (what w
 
     python bench/gpu_probe.py --device cuda
 
-- autocast_<precision>: a training step through blip.engine.fit; inside the model's forward autocast is on with the
+- autocast_<precision>: a training step through blip.training.engine.fit; inside the model's forward autocast is on with the
   configured dtype (off in fp32) and a text-stack Linear computes in it; fp16 (only) steps through a GradScaler.
 - bf16_losses_near_fp32: the same batch and weights: bf16 losses differ from fp32 (autocast is applied) by less
   than bf16 allows (it is the same computation).
@@ -25,8 +25,9 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import blip  # noqa: E402
-from blip.config import load_config  # noqa: E402
-from blip.engine import Progress, autocast, fit  # noqa: E402
+from blip.training.config import load_config  # noqa: E402
+from blip.precision import autocast  # noqa: E402
+from blip.training.engine import Progress, fit  # noqa: E402
 from blip.tasks import PretrainTask  # noqa: E402
 
 TEXTS = ["a red circle", "two blue squares", "a green triangle on the left", "three yellow crosses"]
@@ -61,7 +62,7 @@ def check_autocast(device, precision):
                                        torch.get_autocast_dtype(device.type), out.dtype)))
     scalers = []
     with tempfile.TemporaryDirectory() as out:
-        from blip import engine
+        from blip.training import engine
         setup = engine.setup
 
         def spy(*a, **k):
@@ -136,7 +137,7 @@ def check_no_host_sync(device):
     """One training step of every task (typed batch on the device, accumulation 2) under
     torch.cuda.set_sync_debug_mode("error"): a host sync anywhere in it raises."""
     import itertools
-    from blip import engine
+    from blip.training import engine
     from blip import tasks
     done = []
     for name, cls in (("pretrain", tasks.PretrainTask), ("retrieval", tasks.RetrievalTask),

@@ -11,8 +11,8 @@ class OutputExistsError(ValueError):
 
 def user_errors() -> tuple[type, ...]:
     """The exceptions bad input raises: a missing file, a bad value or key, a checkpoint that does not fit."""
-    from .checkpoint import CheckpointMismatchError
-    from .datasets import NoReadableImage, UnreadableEvalImages
+    from .models.checkpoint import CheckpointMismatchError
+    from .data.datasets import NoReadableImage, UnreadableEvalImages
     return (FileNotFoundError, ValueError, TypeError, KeyError, ImportError, CheckpointMismatchError,
             UnreadableEvalImages, NoReadableImage)
 

@@ -2,7 +2,7 @@
 
     fp32   nothing changes (the original's arithmetic)
     bf16   torch.autocast(<device>, bfloat16): matrix products and attention in bfloat16, the rest in fp32
-    fp16   torch.autocast(<device>, float16) (training adds a GradScaler: blip.engine)
+    fp16   torch.autocast(<device>, float16) (training adds a GradScaler: blip.training.engine)
     tf32   fp32 tensors, matrix products on TensorFloat-32 units (CUDA's; elsewhere the same as fp32)
 """
 from __future__ import annotations

@@ -120,7 +120,7 @@ def main(argv=None):
             raise SystemExit(f"{script} is missing: the loop needs it")
     out = Path(a.out).resolve()
 
-    from blip.config import load_config
+    from blip.training.config import load_config
     pretrain_cfg = load_config(ROOT / "configs" / "shapes_pretrain.yaml", [*a.sets, *a.pretrain_sets])
     # every step reads the same world (all shapes_*.yaml describe one), from the folder given or configured
     world = Path(a.world).resolve() if a.world else ROOT / pretrain_cfg.shapes["out_dir"]

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__) + "/..")
 from blip import distributed as dist  # noqa: E402
-from blip.engine import fit  # noqa: E402
+from blip.training.engine import fit  # noqa: E402
 from blip.tasks import NLVRTask, PretrainTask, RetrievalTask  # noqa: E402
 from tests._tiny import PairData, tiny_config, tiny_model  # noqa: E402
 
@@ -31,8 +31,8 @@ def negatives(out_dir, batch, device):
 
 
 def neighbours(out_dir, batch, device, data_dir):
-    from blip.datasets import RetrievalTrainDataset
-    from blip.transforms import test_transform
+    from blip.data.datasets import RetrievalTrainDataset
+    from blip.data.transforms import test_transform
     cfg = tiny_config("hard_negatives={images: 2}", task="retrieval", batch_size=batch, max_epoch=1, queue_size=8,
                       seed=2)
     data = RetrievalTrainDataset(f"{data_dir}/karpathy_train.json", data_dir, test_transform(32))

@@ -1,7 +1,7 @@
 """A CPU-side guard against tensors made on the default device by the project's own code.
 
 On a GPU, a tensor made without `device=` lands on the CPU while the data it meets is on the GPU: the first run on
-an H200 crashed that way (a causal mask from `torch.ones(..., device=None)` in `blip/med.py`). A CPU machine cannot
+an H200 crashed that way (a causal mask from `torch.ones(..., device=None)` in `blip/models/med.py`). A CPU machine cannot
 see the mistake, because there the default device IS the data's device. This trap makes it visible everywhere:
 while it is on, every tensor factory (`torch.ones`, `zeros`, `arange`, `tensor`, `full`, `randperm`, ... torch's own
 list of device-taking constructors) called from the project's files (`blip/`, `data/`, the entry scripts) without an
@@ -91,7 +91,7 @@ T = torch.Tensor
 _READS = {T.item, T.tolist, T.__bool__, T.__int__, T.__float__, T.__index__, T.cpu, T.numpy, T.nonzero, torch.nonzero,
           torch.argwhere, T.masked_select, torch.masked_select, torch.unique, T.unique, torch.unique_consecutive,
           torch.bincount, T.bincount, torch.equal, torch.allclose, T.allclose,
-          torch.multinomial, T.multinomial}  # multinomial checks its weights on the host (blip.batches.sample_one)
+          torch.multinomial, T.multinomial}  # multinomial checks its weights on the host (blip.data.batches.sample_one)
 _SIZED_BY_VALUES = {torch.repeat_interleave, T.repeat_interleave}  # output size from the repeats' values
 _INDEXING = {T.__getitem__, T.__setitem__, T.index_put_, T.index_put}
 

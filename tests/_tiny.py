@@ -2,7 +2,7 @@
 import torch
 from torch.utils.data import Dataset
 
-from blip.config import load_config
+from blip.training.config import load_config
 
 WORDS = ["red circle", "blue square", "green triangle", "two yellow crosses", "a big star", "left", "right"]
 

@@ -189,7 +189,7 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, pngs, capsys):
 
 
 def test_a_training_folder_and_its_latest_state_load_as_the_model_they_hold(tmp_path, pngs, capsys, caplog):
-    from blip.engine import fit
+    from blip.training.engine import fit
     from blip.tasks import PretrainTask
     from tests._tiny import PairData, tiny_config, tiny_model
     cfg = tiny_config(task="pretrain", batch_size=4, max_epoch=1, queue_size=8, num_workers=0, seed=1)

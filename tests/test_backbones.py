@@ -1,4 +1,4 @@
-"""Any timm image model under BLIP's text stack (blip/backbones.py): every family builds at a tiny size and trains
+"""Any timm image model under BLIP's text stack (blip/models/backbones.py): every family builds at a tiny size and trains
 through ITC, ITM, LM and VQA; a local weights file gives exactly timm's features; checkpoints rebuild the backbone;
 freezing and layer-wise LR decay make the parameter groups they say."""
 import pytest
@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 import blip
-from blip.engine import build_optimizer
-from blip.transforms import MEAN, STD
+from blip.training.engine import build_optimizer
+from blip.data.transforms import MEAN, STD
 from tests._tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,7 +159,7 @@ def test_freeze_first_blocks_and_layer_decay_groups():
 
 
 def test_frozen_cnn_keeps_its_weights_and_batchnorm_statistics():
-    from blip.engine import train_step, setup, Progress
+    from blip.training.engine import train_step, setup, Progress
     from blip.tasks import PretrainTask
     from tests._tiny import PairData
     cfg = tiny_config("vision_backbone=resnet18", "freeze_vision=true", "queue_size=8", "batch_size=4",

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import blip
-import blip.capfilt as bc
+import blip.inference.capfilt as bc
 import capfilt
-from blip.capfilt import CapFilt, filter_precision_recall, list_pairs, separation_auc
+from blip.inference.capfilt import CapFilt, filter_precision_recall, list_pairs, separation_auc
 from data.shapes import generate_shapes_world
 
 TINY = dict(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, embed_dim=16,
@@ -67,7 +67,7 @@ def test_outputs_counts_and_unreadable(world, baseline):
     assert "filter_vs_noise" in summary and summary["filter_vs_noise"]["scored"] == 10
     assert (out_dir / "capfilt_scores.png").stat().st_size > 0
     # the cleaned JSON is a pretraining file: its image paths resolve from its own folder
-    from blip.datasets import PretrainDataset
+    from blip.data.datasets import PretrainDataset
     ds = PretrainDataset(str(out_dir / "capfilt.json"), None)
     assert all(ds.load(i) is not None for i in range(len(ds)))
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import blip
-from blip.checkpoint import CheckpointMismatchError, load_into
+from blip.models.checkpoint import CheckpointMismatchError, load_into
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -422,7 +422,7 @@ def test_strict_false_reports_weights_of_another_shape_and_never_loads_them(capl
     model = blip.load_model("caption", **overrides("caption"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bad = _other_shape_keys(model, sd)
-    with caplog.at_level("WARNING", logger="blip.checkpoint"):
+    with caplog.at_level("WARNING", logger="blip.models.checkpoint"):
         info = load_into(model, sd, strict=False)
     assert {k: (a, b) for k, a, b in info["mismatched"]} == bad
     assert set(info["missing"]) == set(bad)
@@ -434,7 +434,7 @@ def test_strict_false_reports_weights_of_another_shape_and_never_loads_them(capl
 
 def test_pos_embed_of_another_grid_is_resized_with_a_warning(caplog):
     ckpt = original_checkpoint("caption", image_size=64)
-    with caplog.at_level("WARNING", logger="blip.checkpoint"):
+    with caplog.at_level("WARNING", logger="blip.models.checkpoint"):
         model = blip.load_model("caption", ckpt, strict=True, **overrides("caption", image_size=96))
     assert model.visual_encoder.pos_embed.shape == (1, 37, VW)
     assert any(r.levelname == "WARNING" and "visual_encoder.pos_embed" in r.message and "(1, 17, 48)" in r.message
@@ -453,7 +453,7 @@ def test_vqa_answer_decoder_cross_kv_start_fresh_from_a_pretrain_checkpoint_of_a
     fresh = {f"text_decoder.bert.encoder.layer.{i}.crossattention.self.{n}.weight"
              for i in range(LAYERS) for n in ("key", "value")}
     init = {k: model.state_dict()[k].clone() for k in fresh}
-    with caplog.at_level("WARNING", logger="blip.checkpoint"):
+    with caplog.at_level("WARNING", logger="blip.models.checkpoint"):
         info = load_into(model, sd)
     own = model.state_dict()
     assert set(info["missing"]) == fresh and not info["mismatched"]

@@ -201,7 +201,7 @@ def test_answer_per_image_questions_from_csv(folder, tmp_path_factory, tmp_path,
     assert cli(["answer", *good, "--questions", csv_file, "--checkpoint", ckpt, "-o", out, "--device", "cpu",
                 "--no-progress"]) == 0
     rows = inference.read_rows(out)
-    want = model.answer(blip.load_images(good, 32), [blip.tokenizer.pre_question(q) for q in qs])
+    want = model.answer(blip.load_images(good, 32), [blip.data.tokenizer.pre_question(q) for q in qs])
     assert [r["answer"] for r in rows] == want and [r["image"] for r in rows] == good
     capsys.readouterr()
 

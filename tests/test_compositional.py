@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 import blip
-from blip import compositional as C
-from blip.checkpoint import save_weights
-from blip.tokenizer import DEC_ID, PAD_ID, pre_caption
+from blip.evaluation import compositional as C
+from blip.models.checkpoint import save_weights
+from blip.data.tokenizer import DEC_ID, PAD_ID, pre_caption
 from data.shapes_probes import SUBSETS, write_probes
 
 
@@ -138,7 +138,7 @@ def test_heads_match_the_models_own_scores(micro_pretrain, tmp_path):
     np.testing.assert_allclose(scores["itc"][1], itc[1, [1, 0]].numpy(), atol=1e-5)
     with torch.no_grad():
         embeds = m.visual_encoder(px)
-        ids, mask = m.tokenize(["a blue square", "a red circle"], max_length=35, first_token=blip.tokenizer.ENC_ID)
+        ids, mask = m.tokenize(["a blue square", "a red circle"], max_length=35, first_token=blip.data.tokenizer.ENC_ID)
         itm = m.itm_logits(embeds[[1, 1]], ids, mask)[:, 1]
     np.testing.assert_allclose(scores["itm"][1], itm.numpy(), atol=1e-5)
     np.testing.assert_allclose(scores["itc+itm"][1], scores["itc"][1] + scores["itm"][1], atol=1e-6)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from blip.config import (Config, add_config_args, config_from_args, load_config, parse_override,
+from blip.training.config import (Config, add_config_args, config_from_args, load_config, parse_override,
                          save_config)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from blip import datasets as D
-from blip.batches import VQACollate
-from blip import transforms as T
+from blip.data import datasets as D
+from blip.data.batches import VQACollate
+from blip.data import transforms as T
 from data.shapes import generate_shapes_world
 
 N_TRAIN, N_VAL, N_TEST = 8, 4, 4
@@ -203,7 +203,7 @@ def test_corrupt_image_skipped_and_counted(tmp_path, world, tf, caplog):
     ann = _write(root / "pre.json", [{"image": "broken.jpg", "caption": "x"}, {"image": "missing.jpg", "caption": "y"},
                                      {"image": "good.png", "caption": "Two Circles!"}])
     ds = D.PretrainDataset([ann], tf)
-    with caplog.at_level(logging.WARNING, logger="blip.datasets"):
+    with caplog.at_level(logging.WARNING, logger="blip.data.datasets"):
         image, caption = ds[0]
         ds[0]
     assert caption == "two circles" and image.shape == (3, 16, 16)

@@ -1,12 +1,12 @@
-"""Static-shape decoding (blip.generation.StaticRows: the rows of a fixed layout over a preallocated cache, the step a
+"""Static-shape decoding (blip.models.generation.StaticRows: the rows of a fixed layout over a preallocated cache, the step a
 CUDA graph on a GPU) gives today's tokens: run eagerly on the CPU, beam search, greedy and nucleus sampling
 (several captions per image) produce exactly DynamicRows' ids, for the caption and the VQA decoders."""
 import pytest
 import torch
 
 import blip
-from blip.generation import Decoding, DynamicRows, StaticRows, generate_ids
-from blip.tokenizer import SEP_ID
+from blip.models.generation import Decoding, DynamicRows, StaticRows, generate_ids
+from blip.data.tokenizer import SEP_ID
 
 
 @pytest.fixture(scope="module")

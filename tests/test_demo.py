@@ -236,8 +236,8 @@ def test_without_gradio_the_demo_says_what_to_install(monkeypatch, capsys):
 def test_a_tab_whose_model_the_checkpoint_lacks_says_why(tmp_path):
     from argparse import Namespace
 
-    from blip.checkpoint import CheckpointMismatchError
-    from blip.demo import load_models
+    from blip.models.checkpoint import CheckpointMismatchError
+    from blip.inference.demo import load_models
     torch.manual_seed(0)
     blip.save_weights(blip.load_model("caption", preset="micro"), tmp_path / "caption.safetensors")
     args = Namespace(checkpoint=str(tmp_path / "caption.safetensors"), caption_checkpoint=None, vqa_checkpoint=None,
@@ -254,7 +254,7 @@ def test_a_tab_whose_model_the_checkpoint_lacks_says_why(tmp_path):
 def test_output_images_are_own_files_and_old_ones_go(tmp_path, monkeypatch):
     # a path per output (gradio copies a path into its cache atomically; a PIL output is rewritten in place), and
     # a long-running page does not keep every image it ever showed
-    import blip.demo as demo_module
+    import blip.inference.demo as demo_module
     demo = demo_module.Demo({}, "cpu", "fp32", max_pixels=100)
     first = demo.shown(Image.new("RGB", (8, 8), "red"))
     second = demo.shown(Image.new("RGB", (8, 8), "red"))

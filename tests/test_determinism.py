@@ -1,11 +1,11 @@
 """The `deterministic` option: two runs at 2 CPU threads, and a run killed and resumed, end with bit-identical
-weights. The kernel it fixes (see blip/determinism.py) is the ITM negatives' indexing backward, parallel with
+weights. The kernel it fixes (see blip/training/determinism.py) is the ITM negatives' indexing backward, parallel with
 atomic adds from 32,768 elements on: the tiny preset's image tokens at batch 16 are past that."""
 import pytest
 import torch
 
-from blip.determinism import enable_deterministic
-from blip.engine import fit
+from blip.training.determinism import enable_deterministic
+from blip.training.engine import fit
 from blip.tasks import PretrainTask
 from tests._tiny import PairData, tiny_config, tiny_model
 

@@ -12,9 +12,10 @@ import torch
 from torch.overrides import _get_current_function_mode_stack
 
 import blip
-import blip.med
+import blip.models.med
 from blip import distributed as dist
-from blip.engine import Progress, autocast, fit, setup
+from blip.precision import autocast
+from blip.training.engine import Progress, fit, setup
 from blip.tasks import PretrainTask
 from tests._device_trap import ImplicitDeviceError, ImplicitDeviceTrap
 from tests._tiny import PairData, tiny_config, tiny_model
@@ -25,14 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def with_the_first_gpu_runs_mask():
-    """blip/med.py's additive_mask with the line the first GPU run crashed on put back (the causal mask made with
-    device=None when there is no padding mask), compiled as standing at its place in blip/med.py."""
-    lines, first = inspect.getsourcelines(blip.med.additive_mask)
+    """blip/models/med.py's additive_mask with the line the first GPU run crashed on put back (the causal mask made with
+    device=None when there is no padding mask), compiled as standing at its place in blip/models/med.py."""
+    lines, first = inspect.getsourcelines(blip.models.med.additive_mask)
     src = "".join(lines)
     old = src.replace("dtype=torch.bool, device=device)", "dtype=torch.bool, device=None if mask is None else mask.device)")
     assert old != src
-    scope = dict(vars(blip.med))
-    exec(compile("\n" * (first - 1) + old, blip.med.__file__, "exec"), scope)
+    scope = dict(vars(blip.models.med))
+    exec(compile("\n" * (first - 1) + old, blip.models.med.__file__, "exec"), scope)
     return scope["additive_mask"]
 
 
@@ -45,14 +46,14 @@ def test_the_trap_is_on_in_every_test_and_in_the_processes_tests_launch():
 
 
 def test_the_trap_catches_the_causal_mask_of_the_first_gpu_run_when_it_is_put_back(monkeypatch):
-    """Every beam search crashed on CUDA (`attn_bias is on cpu`): with that line restored in blip/med.py, a CPU
+    """Every beam search crashed on CUDA (`attn_bias is on cpu`): with that line restored in blip/models/med.py, a CPU
     beam search under the trap fails naming it; with today's line it runs."""
     torch.manual_seed(0)
     model = blip.load_model("caption", preset="micro")
     x = torch.randn(2, 3, 32, 32)
     good = model.generate(x, num_beams=2, max_length=6, min_length=2, return_ids=True)
-    monkeypatch.setattr(blip.med, "additive_mask", with_the_first_gpu_runs_mask())
-    with pytest.raises(ImplicitDeviceError, match=r"torch.ones without device= at blip/med.py:\d+ in additive_mask"):
+    monkeypatch.setattr(blip.models.med, "additive_mask", with_the_first_gpu_runs_mask())
+    with pytest.raises(ImplicitDeviceError, match=r"torch.ones without device= at blip/models/med.py:\d+ in additive_mask"):
         model.generate(x, num_beams=2, max_length=6, min_length=2)
     monkeypatch.undo()
     assert model.generate(x, num_beams=2, max_length=6, min_length=2, return_ids=True) == good

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from blip.config import load_config
-from blip.evaluation import evaluate_caption, evaluate_nlvr, evaluate_vqa
+from blip.training.config import load_config
+from blip.evaluation.loops import evaluate_caption, evaluate_nlvr, evaluate_vqa
 from tests.conftest import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     import blip
     from blip import distributed as dist
-    from blip.config import load_config
+    from blip.training.config import load_config
     from blip.evaluation import evaluate_caption, evaluate_retrieval
 
     SIZES = dict(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, embed_dim=16,
@@ -186,7 +186,7 @@ def test_itm_with_shared_image_kv_equals_one_image_per_row(index):
 
 
 def test_feature_spread_is_the_mean_pairwise_cosine_and_names_a_collapsed_tower(caplog):
-    from blip.evaluation import feature_spread, mean_cosine
+    from blip.evaluation.loops import feature_spread, mean_cosine
     feat = torch.nn.functional.normalize(torch.randn(9, 5, generator=torch.Generator().manual_seed(0)), dim=-1)
     sims = feat @ feat.t()
     by_hand = (sims.sum() - sims.diagonal().sum()) / (9 * 8)

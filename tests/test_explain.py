@@ -1,4 +1,4 @@
-"""Grad-CAM for ITM (blip/explain.py): the explicit attention it reads gives SDPA's outputs; maps lie on the ViT's
+"""Grad-CAM for ITM (blip/inference/explain.py): the explicit attention it reads gives SDPA's outputs; maps lie on the ViT's
 patch grid and on a timm CNN's feature grid; `blip explain` writes one overlay per word; and on the trained shapes
 model the noun's map peaks on the named shape far above chance."""
 import json
@@ -11,8 +11,8 @@ from PIL import Image
 
 import blip
 from blip.__main__ import main
-from blip.explain import default_layer, itm_gradcam, vision_grid
-from blip.med import MultiHeadAttention, keep_attention_probs
+from blip.inference.explain import default_layer, itm_gradcam, vision_grid
+from blip.models.med import MultiHeadAttention, keep_attention_probs
 from data.shapes import SIZES, captions, layout
 from tests._tiny import scrambled_model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from blip.engine import fit
+from blip.training.engine import fit
 from blip.tasks import PretrainTask
 from tests._tiny import PairData, tiny_config, tiny_model
 from tests.conftest import launch, trap_env

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from blip.metrics import caption_scores, vqa_accuracy
+from blip.evaluation.metrics import caption_scores, vqa_accuracy
 from data.worlds import ensure_shapes_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")

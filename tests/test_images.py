@@ -10,8 +10,8 @@ import torch
 from PIL import Image, ImageFile
 
 import blip
-from blip import datasets as D
-from blip import transforms as T
+from blip.data import datasets as D
+from blip.data import transforms as T
 
 BAD = ("truncated.jpg", "empty.jpg", "text.jpg", "bomb_warns.png", "bomb_raises.png")
 
@@ -119,7 +119,7 @@ def test_same_rules_in_training_evaluation_capfilt_and_inference(cases):
             image, image_id = ev[k]
             assert image_id == k and torch.equal(image, expected[n])
 
-    from blip.capfilt import _ShardImages, list_pairs
+    from blip.inference.capfilt import _ShardImages, list_pairs
     shard_images = _ShardImages(list_pairs(ann), tf, tf, same_size=True)
     for k, n in enumerate(names):
         _, pixels, _, _ = shard_images[k]
@@ -174,7 +174,7 @@ def test_annotation_errors_name_the_file_and_line_or_entry(tmp_path):
     bad.write_text('[\n  {"image": "a.png", "caption": "x"},\n  {"image": "b.png" "caption": "y"}\n]')
     with pytest.raises(ValueError, match=r"train\.json: line 3 column 21"):
         D.PretrainDataset(str(bad), tf)
-    from blip.capfilt import list_pairs
+    from blip.inference.capfilt import list_pairs
     with pytest.raises(ValueError, match=r"train\.json: line 3"):
         list_pairs(str(bad))
     (tmp_path / "latin.json").write_bytes('[{"image": "caf\xe9"}]'.encode("latin-1"))

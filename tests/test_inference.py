@@ -9,7 +9,7 @@ from PIL import Image
 
 import blip
 from blip import inference
-from blip.tokenizer import pre_caption
+from blip.data.tokenizer import pre_caption
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,7 +119,7 @@ def test_zero_shot_classify_and_search_on_the_trained_shapes_model(shapes_main_j
 
 def test_sampled_captions_share_each_images_cross_attention_kv():
     """n sampled captions per image read one projection of its K/V: the same tokens as n copies of the image."""
-    from blip.generation import Decoding, generate_ids
+    from blip.models.generation import Decoding, generate_ids
     torch.manual_seed(0)
     model = blip.load_model("caption", preset="micro").eval()
     with torch.no_grad():

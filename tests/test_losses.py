@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import blip
-from blip.losses import draw_hard_negatives, itc_loss
-from blip.med import lm_loss
+from blip.models.losses import draw_hard_negatives, itc_loss
+from blip.models.med import lm_loss
 
 TINY = dict(image_size=32, patch_size=16, vision_width=24, vision_depth=1, vision_heads=2, embed_dim=8,
             med_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))

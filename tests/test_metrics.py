@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip.metrics import (accuracy, caption_scores, normalize_answer, question_accuracy,
+from blip.evaluation.metrics import (accuracy, caption_scores, normalize_answer, question_accuracy,
                           retrieval_recall, vqa_accuracy)
 
 # ----------------------------------------------------------------------------- retrieval recall

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blip.config import load_config
-from blip.losses import itc_loss
-from blip.negatives import OPPOSITES, SHAPES_WORDS, caption_negatives, caption_sampler, lexicon_tagger, shapes_tagger
+from blip.training.config import load_config
+from blip.models.losses import itc_loss
+from blip.data.negatives import OPPOSITES, SHAPES_WORDS, caption_negatives, caption_sampler, lexicon_tagger, shapes_tagger
 from blip.tasks import PretrainTask, RetrievalTask
 from data import shapes
 from data.shapes_probes import pair_captions, sample_pair
@@ -161,7 +161,7 @@ def test_itm_gains_one_row_per_image_with_negatives():
 
 @pytest.mark.parametrize("task_cls", [RetrievalTask, PretrainTask])
 def test_option_off_gives_todays_losses(task_cls):
-    from blip.engine import Progress
+    from blip.training.engine import Progress
     for off in (None, {"captions": 0}):
         cfg = tiny_config("queue_size=8")
         cfg.hard_negatives = off
@@ -209,7 +209,7 @@ def test_training_negatives_are_drawn_per_sample_seed():
 
 
 def collate_texts(batch):
-    from blip.tokenizer import decode
+    from blip.data.tokenizer import decode
     return [decode(ids.tolist()) for ids in batch.neg_ids]
 
 
@@ -235,7 +235,7 @@ def test_negative_captions_enter_itc_with_gradient():
     assert out["loss_ita"].item() == pytest.approx(expected.item(), abs=1e-5)
     assert out["loss_ita"].item() > plain.item()
     # the text encoder learns from them: "bottom" is only in a hard caption, and its embedding gets gradient
-    from blip.tokenizer import get_tokenizer
+    from blip.data.tokenizer import get_tokenizer
     row = get_tokenizer().convert_tokens_to_ids("bottom")
     grads = []
     for n in (None, negs):

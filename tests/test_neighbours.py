@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from blip import neighbours as N
-from blip.datasets import RetrievalTrainDataset, WebDatasetShards, read_image
-from blip.engine import NeighbourSampler, ResumableSampler, fit
+from blip.training import neighbours as N
+from blip.data.datasets import RetrievalTrainDataset, WebDatasetShards, read_image
+from blip.training.engine import NeighbourSampler, ResumableSampler, fit
 from blip.tasks import CaptionTask, RetrievalTask
-from blip.transforms import test_transform as eval_transform
+from blip.data.transforms import test_transform as eval_transform
 from tests._tiny import PairData, tiny_config, tiny_model
 from tests.conftest import launch
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import blip
-from blip.checkpoint import CheckpointMismatchError
-from blip.pretrained import init_from_files, read_weights, resolve_path, text_config
+from blip.models.checkpoint import CheckpointMismatchError
+from blip.models.pretrained import init_from_files, read_weights, resolve_path, text_config
 from blip.tasks import PretrainTask
 from tests._tiny import tiny_config
 
@@ -29,7 +29,7 @@ def timm_vit(width=24, image_size=48, num_classes=10):
 
 
 def assert_vision_from(model, vit, report):
-    from blip.vit import resize_pos_embed
+    from blip.models.vit import resize_pos_embed
     src = vit.state_dict()
     for prefix in ("visual_encoder.", "visual_encoder_m."):
         own = model.state_dict()
@@ -173,7 +173,7 @@ def test_packaged_efficientnet_lite0_classifies_a_cat():
     import timm
     from skimage.data import chelsea
 
-    from blip.pretrained import efficientnet_pytorch_to_timm
+    from blip.models.pretrained import efficientnet_pytorch_to_timm
     net = timm.create_model("efficientnet_lite0").eval()
     net.load_state_dict(efficientnet_pytorch_to_timm(read_weights(resolve_path(LITE0, "test")), net), strict=True)
     img = torch.tensor(chelsea()).permute(2, 0, 1).float()[None] / 255

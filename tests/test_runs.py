@@ -57,7 +57,7 @@ def test_a_folder_holding_a_run_is_refused_and_overwrite_moves_it_aside(world, t
         pretrain.main(pretrain_args(world, out, "init_lr=1e-3"))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing touched
 
-    caplog.set_level(logging.WARNING, logger="blip.engine")
+    caplog.set_level(logging.WARNING, logger="blip.training.engine")
     pretrain.main([*pretrain_args(world, out), "--resume", "latest"])
     assert "already complete (1 of 1 epochs trained)" in caplog.text
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from blip import datasets as D
-from blip.shards import ShardOrderError, expand_shards
-from blip import transforms as T
+from blip.data import datasets as D
+from blip.data.shards import ShardOrderError, expand_shards
+from blip.data import transforms as T
 
 
 def _png(seed, size=16):
@@ -78,7 +78,7 @@ def test_non_adjacent_members_are_refused_with_the_shard_name_and_the_fix(tmp_pa
         len(D.WebDatasetShards(shard, tf))  # counting the epoch
     with pytest.raises(ShardOrderError, match=r"dirorder\.tar.*--sort=name"):
         _captions(D.WebDatasetShards(shard, tf, num_samples=20))  # streaming, no count
-    from blip.capfilt import list_pairs
+    from blip.inference.capfilt import list_pairs
     with pytest.raises(ShardOrderError, match=r"dirorder\.tar"):
         list_pairs(shard)  # CapFilt's random-access reader refuses it the same way
 
@@ -100,7 +100,7 @@ def test_brace_lists_pipe_urls_and_epoch_size(tmp_path, tf):
     assert len(D.WebDatasetShards(spec, tf, num_samples=7)) == 7
     both = D.WebDatasetShards(f"{tmp_path}/shard-00000.tar::{tmp_path}/shard-00002.tar", tf)
     assert len(both) == 8
-    from blip.capfilt import list_pairs
+    from blip.inference.capfilt import list_pairs
     assert len(list_pairs(spec)) == 12
     with pytest.raises(ValueError, match="pipe:.*local"):
         list_pairs(piped)
@@ -126,18 +126,18 @@ def test_img2dataset_layout_read_as_it_is(tmp_path, tf, caplog):
     (tmp_path / "00000.parquet").write_bytes(b"PAR1")
     ds = D.WebDatasetShards(str(tmp_path / "{00000..00000}.tar"), tf)
     assert len(ds) == 5
-    with caplog.at_level(logging.WARNING, logger="blip.datasets"):
+    with caplog.at_level(logging.WARNING, logger="blip.data.datasets"):
         caps = _captions(ds)
     assert caps == ["a dog", "from the json", "json only", "bad json"]  # txt first; an empty txt -> the json's
     assert any("000000003" in r.getMessage() and "no caption" in r.getMessage() for r in caplog.records)
-    from blip.capfilt import list_pairs
+    from blip.inference.capfilt import list_pairs
     assert [p.caption for p in list_pairs(shard)] == ["A Dog.", "From The Json.", "Json Only.", "Bad json"]
 
 
 def test_bad_json_member_is_skipped_with_its_name_and_position(tmp_path, tf, caplog):
     shard = _tar(tmp_path / "s.tar", [("a.png", _png(0)), ("a.json", b'{"caption": "ok"}'),
                                       ("b.png", _png(1)), ("b.json", b'{"caption": "x",\n oops}')])
-    with caplog.at_level(logging.WARNING, logger="blip.datasets"):
+    with caplog.at_level(logging.WARNING, logger="blip.data.datasets"):
         assert _captions(D.WebDatasetShards(shard, tf)) == ["ok"]
     assert any("s.tar:b.json" in r.getMessage() and "line 2 column 2" in r.getMessage() for r in caplog.records)
 
@@ -184,7 +184,7 @@ def test_split_by_rank_and_worker_shuffle_buffer_and_resampling(tmp_path, tf):
 def test_resume_mid_epoch_is_exact(tmp_path, one_thread, workers):
     """N steps uninterrupted == killed after k steps and resumed, bit for bit, with a shuffle buffer, shuffled
     shards and an epoch sized by num_samples (train_num_samples)."""
-    from blip.engine import fit
+    from blip.training.engine import fit
     from tests.test_engine import _assert_same_weights, _pretrain
     from data.shapes import generate_shapes_world
     files = generate_shapes_world(tmp_path / "w", n_train=24, n_val=2, n_test=2, image_size=32, n_shards=4)

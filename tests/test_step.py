@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip import engine
-from blip.batches import CaptionBatch, ClassBatch, PairBatch, VQABatch
-from blip.engine import fit
+from blip.training import engine
+from blip.data.batches import CaptionBatch, ClassBatch, PairBatch, VQABatch
+from blip.training.engine import fit
 from blip.tasks import CaptionTask, NLVRTask, PretrainTask, RetrievalTask, VETask, VQATask
 from tests._device_trap import HostSyncError, HostSyncTrap
 from tests._tiny import PairData, tiny_config, tiny_model

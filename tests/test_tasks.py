@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import blip
-import blip.config
-from blip.run import run
+import blip.training.config
+from blip.training.run import run
 from blip.tasks import CaptionTask, PretrainTask, Task
 from tests._tiny import PairData, tiny_config, tiny_model
 
@@ -56,16 +56,16 @@ def test_stored_model_description_defines_the_model_unless_the_config_sets_a_key
     wins over the preset, and a key the config sets wins over the stored description."""
     small = tiny_model(PretrainTask, tiny_config(queue_size=8))  # micro: vision width 24, text 16
     blip.save_weights(small, tmp_path / "small.safetensors")
-    cfg = blip.config.load_config("configs/shapes_caption.yaml", [f"pretrained={tmp_path / 'small.safetensors'}"])
+    cfg = blip.training.config.load_config("configs/shapes_caption.yaml", [f"pretrained={tmp_path / 'small.safetensors'}"])
     assert cfg.model.get("preset") == "tiny"  # vision width 64, text 64
     model = CaptionTask(cfg).build_model()
     assert (model.cfg.vision_width, model.cfg.med_config["hidden_size"]) == (24, 16)
     torch.testing.assert_close(model.visual_encoder.pos_embed, small.visual_encoder.pos_embed)
 
-    cfg = blip.config.load_config("configs/shapes_caption.yaml",
+    cfg = blip.training.config.load_config("configs/shapes_caption.yaml",
                                   [f"pretrained={tmp_path / 'small.safetensors'}", "prompt='an image of '"])
     assert CaptionTask(cfg).build_model().cfg.prompt == "an image of "
-    cfg = blip.config.load_config("configs/shapes_caption.yaml",
+    cfg = blip.training.config.load_config("configs/shapes_caption.yaml",
                                   [f"pretrained={tmp_path / 'small.safetensors'}", "vision_width=32"])
     with pytest.raises(blip.CheckpointMismatchError, match="visual_encoder"):  # set by the user: refused, named
         CaptionTask(cfg).build_model()

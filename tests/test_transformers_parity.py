@@ -35,8 +35,8 @@ from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImage
                           BlipForQuestionAnswering)
 
 import blip  # noqa: E402
-from blip.checkpoint import load_into  # noqa: E402
-from blip.tokenizer import DEC_ID, ENC_ID, SEP_ID, decode, tokenize  # noqa: E402
+from blip.models.checkpoint import load_into  # noqa: E402
+from blip.data.tokenizer import DEC_ID, ENC_ID, SEP_ID, decode, tokenize  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..datasets import IMAGE_EXTS, UnreadableImage, load_entries, read_image
-from ..shards import expand_shards, is_remote, tar_headers
+from ..data.datasets import IMAGE_EXTS, UnreadableImage, load_entries, read_image
+from ..data.shards import expand_shards, is_remote, tar_headers
 
 IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTS) + (".bmp", ".gif", ".tif", ".tiff")
 TAR_MEMBER = re.compile(r"^(?P<tar>.+\.tar):(?P<key>.+)$")
@@ -145,7 +145,7 @@ def with_texts(items: list[Item], path) -> list[Item]:
                                  f"found {reader.fieldnames}")
             pairs = [(r["image"], r[field]) for r in reader]
     else:
-        from ..datasets import read_json
+        from ..data.datasets import read_json
         data = read_json(path)
         if isinstance(data, dict):
             pairs = list(data.items())
@@ -228,7 +228,7 @@ def image_batches(items: list[Item], image_size: int, *, batch_size: int = 8, wo
     model work. Each unreadable image is appended to `unreadable` as (item, reason) (and logged when no list is
     given) and left out of its batch."""
     import logging
-    from ..transforms import test_transform_uint8, to_model_input
+    from ..data.transforms import test_transform_uint8, to_model_input
     cuda = device is not None and torch.device(device).type == "cuda"
     loader = DataLoader(ImageItems(items, test_transform_uint8(image_size)), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate, prefetch_factor=4 if workers else None,

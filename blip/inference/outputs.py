@@ -187,7 +187,7 @@ def write_side_file(output, record: dict) -> None:
 def move_output_aside(output) -> str | None:
     """--overwrite: the output, its side file, the parts and chunks a killed run left, moved aside together under
     one new name (nothing deleted); returns that name, or None when there was nothing."""
-    from ..checkpoint import move_aside
+    from ..models.checkpoint import move_aside
     if not os.path.exists(output):
         for p in part_files(output):  # a killed torchrun run that never merged
             move_aside(p)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..precision import autocast as precision_context
-from ..tokenizer import first_token_as, pre_caption, pre_question
+from ..data.tokenizer import first_token_as, pre_caption, pre_question
 from .inputs import Item, collect, image_batches
 
 def as_items(images) -> list[Item]:

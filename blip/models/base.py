@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import BackboneConfig, build_backbone, layer_ids
-from ..batches import Batch
-from ..med import TextConfig
-from ..tokenizer import VOCAB_SIZE, tokenize
-from ..vit import VIT_PRESETS, VisionConfig, build_vit
+from .backbones import BackboneConfig, build_backbone, layer_ids
+from ..data.batches import Batch
+from .med import TextConfig
+from ..data.tokenizer import VOCAB_SIZE, tokenize
+from .vit import VIT_PRESETS, VisionConfig, build_vit
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ModelConfig:
     momentum: float = 0.995
     negative_all_rank: bool = False
     prompt: str = "a picture of "
-    # Another image encoder (blip/backbones.py): a timm model name; '' = BLIP's ViT (`vit` and the vision_* sizes)
+    # Another image encoder (blip/models/backbones.py): a timm model name; '' = BLIP's ViT (`vit` and the vision_* sizes)
     vision_backbone: str = ""
     vision_backbone_file: str = ""  # its weights: a local timm / open_clip / OpenAI file ('' = random init)
     vision_backbone_args: dict | None = None  # timm.create_model keyword arguments (sizes, output_stride, ...)
@@ -97,6 +97,9 @@ class ModelConfig:
         return cfg
 
 
+MODEL_KEYS = {f.name for f in fields(ModelConfig)} | {"preset"}  # what a run config may set on the model
+
+
 # Named sizes (open_clip's model_configs, as data). `tiny` is the offline shapes world's model (every
 # configs/shapes_*.yaml); `micro` the unit tests' smallest model.
 PRESETS: dict[str, dict] = {
@@ -133,14 +136,14 @@ class BlipModel(nn.Module):
         return next(self.visual_encoder.parameters()).device
 
     def forward(self, *args, **kwargs):
-        """What DDP and torch.compile call in training: a typed batch (blip.batches) -> `batch_losses`, the tensors a
+        """What DDP and torch.compile call in training: a typed batch (blip.data.batches) -> `batch_losses`, the tensors a
         task's collate made; anything else -> `losses`, the same computation from strings (tokenized here)."""
         if args and isinstance(args[0], Batch):
             return self.batch_losses(*args, **kwargs)
         return self.losses(*args, **kwargs)
 
     def vision_layers(self) -> tuple[dict[str, int], int]:
-        """({'visual_encoder.<name>': layer}, number of layers): stem 0, then one per block (blip.backbones)."""
+        """({'visual_encoder.<name>': layer}, number of layers): stem 0, then one per block (blip.models.backbones)."""
         ids, n = layer_ids(self.visual_encoder)
         return {f"visual_encoder.{k}": v for k, v in ids.items()}, n
 

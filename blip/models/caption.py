@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..batches import CaptionBatch
-from ..generation import Decoding, generate_ids
-from ..med import TextDecoder
-from ..tokenizer import DEC_ID, decode
+from ..data.batches import CaptionBatch
+from .generation import Decoding, generate_ids
+from .med import TextDecoder
+from ..data.tokenizer import DEC_ID, decode
 from .base import BlipModel
 
 
@@ -40,7 +40,7 @@ class BlipCaption(BlipModel):
         """Captions (the prompt cut off their front, as the original). Beam search, or nucleus sampling
         with `sample=True` (the original used repetition_penalty 1.1 there). max_length counts the prompt.
         `num_captions` per image (sampling): image i's are items i*n ... i*n + n-1 of the list.
-        `static`: blip.generation.Decoding.static (None: captured static-shape decoding on CUDA)."""
+        `static`: blip.models.generation.Decoding.static (None: captured static-shape decoding on CUDA)."""
         prompt = self.cfg.prompt if prompt is None else prompt
         image_embeds = self.visual_encoder(pixel_values)
         how = Decoding(num_beams=num_beams, max_length=max_length, min_length=min_length,

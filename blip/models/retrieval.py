@@ -11,11 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as dist
-from ..batches import PairBatch, sample_one
-from ..losses import draw_hard_negatives, itc_loss, itm_pairs
-from ..med import TextDecoder, TextModel, tie_decoder_to_encoder
+from ..data.batches import PairBatch, sample_one
+from .losses import draw_hard_negatives, itc_loss, itm_pairs
+from .med import TextDecoder, TextModel, tie_decoder_to_encoder
 from ..precision import autocast
-from ..tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID, first_token_as
+from ..data.tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID, first_token_as
 from .base import BlipModel, MomentumMixin
 
 
@@ -234,7 +234,7 @@ class BlipRetrieval(_Contrastive):
         """loss_ita (all captions of one image index are positives) + loss_itm (hard negatives).
 
         Call `momentum_update()` first in training, as the original did at the start of its forward.
-        `negative_captions` (one list of strings per caption, blip.negatives): NegCLIP's hard negative captions,
+        `negative_captions` (one list of strings per caption, blip.data.negatives): NegCLIP's hard negative captions,
         extra image->text ITC negatives and one more ITM negative row per image (off when None: the original).
         """
         return self.batch_losses(self.pair_batch(pixel_values, texts, idx, negative_captions), alpha, hard_negatives,

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..batches import ClassBatch
-from ..med import TextModel
-from ..tokenizer import ENC_ID
+from ..data.batches import ClassBatch
+from .med import TextModel
+from ..data.tokenizer import ENC_ID
 from .base import BlipModel
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..batches import VQABatch
-from ..generation import Decoding, generate_ids
-from ..med import TextDecoder, TextModel
-from ..tokenizer import DEC_ID, ENC_ID, PAD_ID, decode
+from ..data.batches import VQABatch
+from .generation import Decoding, generate_ids
+from .med import TextDecoder, TextModel
+from ..data.tokenizer import DEC_ID, ENC_ID, PAD_ID, decode
 from .base import BlipModel
 
 

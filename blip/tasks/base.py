@@ -1,4 +1,4 @@
-"""What a task is: one unit that the shared runner (`blip.run`) and engine (`blip.engine.fit`) drive.
+"""What a task is: one unit that the shared runner (`blip.training.run`) and engine (`blip.training.engine.fit`) drive.
 
 A task says how its model is built from the config, its training data and collate, its losses for a batch at a
 given point of training, what happens once per optimizer step (the momentum update), its evaluations, its
@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import os
 
-from .. import load_model, neighbours, pretrained
-from ..negatives import HardNegatives
-from ..transforms import test_transform, train_transform
+from ..models.factory import load_model
+from ..training import neighbours
+from ..models import pretrained
+from ..data.negatives import HardNegatives
+from ..data.transforms import test_transform, train_transform
 
 
 class Task:
     names: tuple[str, ...] = ()   # the config `task` values this task runs (a config without one runs any)
     model_task = ""               # blip.load_model's task
-    schedule = "cosine"           # blip.schedules name; a config's `schedule:` overrides it
+    schedule = "cosine"           # blip.training.schedules name; a config's `schedule:` overrides it
     collate_fn = None             # a fixed DataLoader collate for a task without `collate` (None: torch's default)
     eval_every_epoch = True       # False: evaluate after the last epoch only
     crop_scale = (0.5, 1.0)       # RandomResizedCrop scale unless the config sets crop_scale
     ann_files: dict[str, str] = {}  # dataset name -> annotation file pattern under ann_root ('{}' = the split)
     required_keys: tuple[str, ...] = ()  # config keys the task cannot run without (named when empty)
-    takes_hard_negatives = False  # the losses take NegCLIP's negatives (config `hard_negatives`, blip.negatives)
+    takes_hard_negatives = False  # the losses take NegCLIP's negatives (config `hard_negatives`, blip.data.negatives)
 
     def __init__(self, cfg):
         if cfg.task and cfg.task not in self.names:
@@ -80,7 +82,7 @@ class Task:
 
     def collate(self, model):
         """The DataLoader's collate: samples -> the batch `losses` takes, made in the data workers (the library's
-        tasks: a typed batch of tensors, blip.batches; `static` when compiled: every text padded to its maximum)."""
+        tasks: a typed batch of tensors, blip.data.batches; `static` when compiled: every text padded to its maximum)."""
         return self.collate_fn
 
     @property
@@ -102,7 +104,7 @@ class Task:
 
     def losses(self, forward, batch, progress) -> dict:
         """Named losses of one micro-batch. `forward` is the model to call for gradients (DDP-wrapped on several
-        ranks; calling it runs the model's `losses`); `progress` (blip.engine.Progress) says where training is."""
+        ranks; calling it runs the model's `losses`); `progress` (blip.training.engine.Progress) says where training is."""
         raise NotImplementedError
 
     # -- evaluation ----------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import os
 
-from ..batches import CaptionCollate
-from ..datasets import CaptionEvalDataset, CaptionTrainDataset
-from ..evaluation import evaluate_caption
+from ..data.batches import CaptionCollate
+from ..data.datasets import CaptionEvalDataset, CaptionTrainDataset
+from ..evaluation.loops import evaluate_caption
 from .base import Task
 
 log = logging.getLogger(__name__)

@@ -2,9 +2,9 @@
 dev epoch kept."""
 from __future__ import annotations
 
-from ..batches import ClassCollate
-from ..datasets import NLVRDataset
-from ..evaluation import evaluate_nlvr
+from ..data.batches import ClassCollate
+from ..data.datasets import NLVRDataset
+from ..evaluation.loops import evaluate_nlvr
 from .base import Task
 
 

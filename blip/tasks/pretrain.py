@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from ..datasets import PretrainDataset, RetrievalEvalDataset, WebDatasetShards
-from ..evaluation import evaluate_retrieval
-from ..batches import PairCollate
-from ..negatives import caption_sampler
+from ..data.datasets import PretrainDataset, RetrievalEvalDataset, WebDatasetShards
+from ..evaluation.loops import evaluate_retrieval
+from ..data.batches import PairCollate
+from ..data.negatives import caption_sampler
 from .base import Task
 
 

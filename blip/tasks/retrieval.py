@@ -2,10 +2,10 @@
 hard negatives; ITC top-k + ITM re-rank recall on val and test after every epoch, the best val r_mean kept."""
 from __future__ import annotations
 
-from ..datasets import RetrievalEvalDataset, RetrievalTrainDataset
-from ..evaluation import evaluate_retrieval
-from ..batches import PairCollate
-from ..negatives import caption_sampler
+from ..data.datasets import RetrievalEvalDataset, RetrievalTrainDataset
+from ..evaluation.loops import evaluate_retrieval
+from ..data.batches import PairCollate
+from ..data.negatives import caption_sampler
 from .base import Task
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..batches import ClassCollate
-from ..datasets import VEDataset
-from ..evaluation import eval_mode, gather, rank_loader
-from ..metrics.nlvr import accuracy
+from ..data.batches import ClassCollate
+from ..data.datasets import VEDataset
+from ..evaluation.loops import eval_mode, gather, rank_loader
+from ..evaluation.metrics.nlvr import accuracy
 from .base import Task
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 
-from ..batches import VQACollate
-from ..datasets import VQADataset
-from ..evaluation import evaluate_vqa
+from ..data.batches import VQACollate
+from ..data.datasets import VQADataset
+from ..evaluation.loops import evaluate_vqa
 from .base import Task
 
 

@@ -210,7 +210,7 @@ def caption_negatives(caption: str, tagger: Tagger = lexicon_tagger, min_phrase_
 class HardNegatives:
     """The training option (config key `hard_negatives`): `captions` negatives per caption (0 = off), drawn each
     step from the caption's rule-based negatives by `tagger` ('lexicon', 'shapes', 'spacy:<model>'); `images`: each
-    sample's batch partner drawn from its image's `images` nearest neighbours (NegCLIP: 3; 0 = off; blip.neighbours)."""
+    sample's batch partner drawn from its image's `images` nearest neighbours (NegCLIP: 3; 0 = off; blip.training.neighbours)."""
     captions: int = 0
     tagger: str = "lexicon"
     images: int = 0
@@ -262,7 +262,7 @@ class NegativeSampler:
 
 def caption_sampler(option: dict | None) -> NegativeSampler | None:
     """The sampler of the config's `hard_negatives` option (its `captions` and `tagger`), None when it draws none. A
-    training collate calls it once per caption with a stream seeded by that sample's seed (blip.batches.PairCollate),
+    training collate calls it once per caption with a stream seeded by that sample's seed (blip.data.batches.PairCollate),
     so workers, ranks and a resumed run draw the same; off, the losses are the original's bit for bit."""
     opt = HardNegatives.from_config(option)
     return NegativeSampler(opt.captions, opt.tagger) if opt.captions else None

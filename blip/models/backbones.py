@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .transforms import MEAN, STD
+from ..data.transforms import MEAN, STD
 
 # timm modules whose models are ViTs: they take `img_size` (position embeddings resized on load by timm's own filter)
 _VIT_MODULES = ("vision_transformer", "eva", "vision_transformer_relpos", "vision_transformer_sam", "beit", "deit")

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
-from . import distributed as dist
-from .batches import Batch
-from .checkpoint import CheckpointMismatchError, atomic_write, save_weights
-from .precision import autocast  # noqa: F401  (the engine's precision switch; also imported from here)
+from .. import distributed as dist
+from ..data.batches import Batch
+from ..models.checkpoint import CheckpointMismatchError, atomic_write, save_weights
+from ..precision import autocast
 from .schedules import SCHEDULES
 
 log = logging.getLogger(__name__)

@@ -306,7 +306,7 @@ class WebDatasetShards(SkipsBadImages, IterableDataset):
     """Pretraining pairs streamed from webdataset tar shards: KEY.jpg|png|webp + KEY.txt and/or KEY.json
     ({"caption": ...}), as img2dataset writes them. Yields (image, caption) like PretrainDataset.
 
-    shards: a URL string or list (`::`, braces `{00000..01242}`, globs, `pipe:CMD`, http; see blip.shards).
+    shards: a URL string or list (`::`, braces `{00000..01242}`, globs, `pipe:CMD`, http; see blip.data.shards).
     Per epoch (set_epoch), on reader r of R (rank x DataLoader worker), the pipeline is open_clip's:
       resampled=False: shard list -> shuffled with (seed, epoch), the same on every rank -> reader r takes shards
         r, r+R, ... (with fewer shards than readers every reader reads them all and keeps every R-th sample)
@@ -316,7 +316,7 @@ class WebDatasetShards(SkipsBadImages, IterableDataset):
     shuffle=False reads in order, unshuffled. An epoch is `num_samples` samples (config train_num_samples) when
     given, else the samples counted once in the tar headers of local shards; `pipe:`/http shards need num_samples.
     Everything is seeded by (seed, epoch, reader), so a resumed epoch streams the same samples. A shard with
-    non-adjacent sample members raises blip.shards.ShardOrderError naming it and the fix.
+    non-adjacent sample members raises blip.data.shards.ShardOrderError naming it and the fix.
     """
 
     def __init__(self, shards, transform, *, max_words=30, shuffle=False, seed=0, rank=None, world_size=None,

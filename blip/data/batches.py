@@ -157,7 +157,7 @@ class ClassBatch(Batch):
 # -- collates: samples -> a typed batch, in the DataLoader's workers ------------------------------------------------
 class PairCollate:
     """(image, caption[, image index]) samples -> PairBatch. With a NegativeSampler, each caption's hard captions are
-    drawn from a stream seeded by its sample's seed (blip.engine gives every sample one), so a rank, a worker or a
+    drawn from a stream seeded by its sample's seed (blip.training.engine gives every sample one), so a rank, a worker or a
     resumed run draws what any other would."""
     seeded = True
 

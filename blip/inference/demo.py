@@ -8,7 +8,7 @@ text->image search over a gallery made by `blip embed`.
 `--caption-checkpoint`, `--vqa-checkpoint` and `--itm-checkpoint` give a tab its own. A tab without a model says why.
 Offline: no analytics, no share link, system fonts (no CDN), bound to 127.0.0.1 unless --host says otherwise.
 Requests wait in gradio's queue and `--concurrency` run at once, so a crowd cannot exhaust memory. An upload is
-read by the command line's rules (blip.datasets.read_image) after a pixel-count check: a broken or oversized file
+read by the command line's rules (blip.data.datasets.read_image) after a pixel-count check: a broken or oversized file
 gets a one-line message on the page, never a traceback, and the server stays up. gradio is imported only here.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def read_upload(path, max_pixels: int):
     """The uploaded file as RGB, or ValueError naming it: nothing uploaded, too many pixels, unreadable."""
     from PIL import Image
 
-    from .datasets import read_image_or_refuse
+    from ..data.datasets import read_image_or_refuse
     if not path:
         raise ValueError("upload an image first")
     name = Path(path).name  # not gradio's cache folder
@@ -53,9 +53,9 @@ def read_upload(path, max_pixels: int):
 def load_models(args, device) -> dict:
     """{tab: model, or the reason it has none}. A tab's own checkpoint that does not load is an error; --checkpoint
     serves the tabs it fits and the others say why."""
-    from .__main__ import ITC_TASKS, load
-    from .checkpoint import read_metadata, resolve_checkpoint
-    from .errors import one_line, user_errors
+    from .loading import ITC_TASKS, load
+    from ..models.checkpoint import read_metadata, resolve_checkpoint
+    from ..errors import one_line, user_errors
     own = {"caption": args.caption_checkpoint, "vqa": args.vqa_checkpoint, "itm": args.itm_checkpoint}
     anything = args.checkpoint is not None or any(own.values())
     models = {}
@@ -85,7 +85,7 @@ class Demo:
         self.models, self.device, self.precision, self.max_pixels = models, device, precision, max_pixels
         self.gallery = gallery  # (image ids, features) or None
         self.outbox = tempfile.TemporaryDirectory(prefix="blip-demo-")  # the images the page shows, one file each
-        # a CUDA decode step is captured once per shape and replayed (blip.generation): one request at a time there
+        # a CUDA decode step is captured once per shape and replayed (blip.models.generation): one request at a time there
         self.decode_lock = threading.Lock() if torch.device(device).type == "cuda" else nullcontext()
 
     def model(self, tab):
@@ -95,7 +95,7 @@ class Demo:
         return model
 
     def pixels(self, path, tab):
-        from . import load_images
+        from ..data.images import load_images
         image = read_upload(path, self.max_pixels)
         model = self.model(tab)
         return image, load_images([image], model.cfg.image_size, self.device).to(next(model.parameters()).dtype)
@@ -114,7 +114,7 @@ class Demo:
         return path
 
     def autocast(self):
-        from .precision import autocast
+        from ..precision import autocast
         return autocast(self.device, self.precision)
 
     def preview(self, path):
@@ -131,7 +131,7 @@ class Demo:
         return (text,)
 
     def answer(self, path, question):
-        from .tokenizer import pre_question
+        from ..data.tokenizer import pre_question
         if not question or not question.strip():
             raise ValueError("ask a question")
         _, x = self.pixels(path, "vqa")
@@ -141,7 +141,7 @@ class Demo:
 
     def match(self, path, text):
         from .explain import display_copy, itm_gradcam, overlay
-        from .tokenizer import pre_caption
+        from ..data.tokenizer import pre_caption
         if not text or not text.strip():
             raise ValueError("give a text to match")
         image, x = self.pixels(path, "itm")
@@ -157,8 +157,8 @@ class Demo:
         return f"match probability {cam.itm:.3f}, ITC similarity {itc:.3f} (Grad-CAM layer {cam.layer})", maps
 
     def search(self, query, k):
-        from . import inference
-        from .datasets import UnreadableImage, read_image
+        from .predict import search
+        from ..data.datasets import UnreadableImage, read_image
         if self.gallery is None:
             raise ValueError("no gallery: start the demo with --gallery (made by `blip embed`)")
         if not query or not query.strip():
@@ -166,7 +166,7 @@ class Demo:
         ids, feats = self.gallery
         found = []
         with torch.inference_mode():
-            rows = list(inference.search(self.model("itm"), ids, feats, [query], k=int(k), workers=0,
+            rows = list(search(self.model("itm"), ids, feats, [query], k=int(k), workers=0,
                                          precision=self.precision))
         for r in rows:
             try:
@@ -182,7 +182,7 @@ class Demo:
 def guarded(handler, n_outputs: int):
     """`handler`'s outputs and an empty status, or empty outputs and its one-line error: bad input gets a message on
     the page; a program error is logged here with its traceback and named there."""
-    from .errors import one_line, user_errors
+    from ..errors import one_line, user_errors
 
     def run(*inputs):
         try:
@@ -251,7 +251,7 @@ def serve(args, device, precision) -> int:
     if args.concurrency < 1:
         raise ValueError(f"--concurrency {args.concurrency}: at least 1")
     models = load_models(args, device)
-    from .tokenizer import get_tokenizer
+    from ..data.tokenizer import get_tokenizer
     get_tokenizer()  # built before the first requests: transformers' lazy imports race when threads trigger them
     itm_checkpoint = args.itm_checkpoint or args.checkpoint
     gallery = None if args.gallery is None else load_gallery(args.gallery, models["itm"], itm_checkpoint, device)
@@ -266,14 +266,14 @@ def serve(args, device, precision) -> int:
 
 def load_gallery(path, model, checkpoint, device):
     """(image ids, features on `device`) of a `blip embed` output, refused when another model embedded it."""
-    from .__main__ import check_gallery
-    from .inference import read_embeddings
+    from .loading import check_gallery
+    from . import read_embeddings
     if isinstance(model, str):
         raise ValueError(f"--gallery needs the matching model: {model}")
     gallery = read_embeddings(path)
     if "image_embeds" not in gallery:
         raise ValueError(f"{path}: holds no image embeddings")
-    from .checkpoint import resolve_checkpoint
+    from ..models.checkpoint import resolve_checkpoint
     checkpoint = None if checkpoint is None else str(resolve_checkpoint(checkpoint))
     check_gallery(gallery, path, model, Namespace(checkpoint=checkpoint))
     return gallery["image_ids"], gallery["image_embeds"].to(device)

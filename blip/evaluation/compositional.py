@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .datasets import ImageFiles, collate_image_files
-from .tokenizer import DEC_ID, ENC_ID, first_token_as, pre_caption
-from .transforms import test_transform
+from ..data.datasets import ImageFiles, collate_image_files
+from ..data.tokenizer import DEC_ID, ENC_ID, first_token_as, pre_caption
+from ..data.transforms import test_transform
 
 HEADS = ("itc", "itm", "itc+itm", "caption")
 
@@ -131,7 +131,7 @@ def order_perturbations(caption: str, tagger, rng: np.random.Generator) -> list[
 def read_order(path, root, tagger=None, seed=0, max_words=30) -> list[Case]:
     """COCO-Order / Flickr30k-Order from a Karpathy test file: per caption [original, 4 shuffles] (correct 0),
     each through pre_caption(30). The shuffles are random: seeded here (ARO's are not)."""
-    from .negatives import lexicon_tagger
+    from ..data.negatives import lexicon_tagger
     tagger, rng, cases = tagger or lexicon_tagger, np.random.default_rng(seed), []
     for i, e in enumerate(_load_json(path)):
         image = _resolve(root, _field(e, "image", path, i))

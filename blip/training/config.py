@@ -19,8 +19,8 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from .models.base import PRESETS, ModelConfig
-from .precision import PRECISIONS
+from ..models.base import MODEL_KEYS, ModelConfig, PRESETS
+from ..precision import PRECISIONS
 from .schedules import SCHEDULES
 
 
@@ -57,7 +57,7 @@ class Config:
     # override a checkpoint's stored description key by key; the rest come from it (or ModelConfig's defaults).
     model: dict = field(default_factory=dict)
     pretrained: str = ""                # checkpoint path to initialise from ('' = none)
-    init: dict | None = None            # unimodal start (blip.pretrained): {vision: FILE|DIR, text: BERT DIR}
+    init: dict | None = None            # unimodal start (blip.models.pretrained): {vision: FILE|DIR, text: BERT DIR}
     # --- optimisation ----------------------------------------------------------------------------
     init_lr: float = 1e-5
     min_lr: float = 0.0
@@ -76,12 +76,12 @@ class Config:
     precision: str = "fp32"             # 'fp32' | 'bf16' | 'fp16' | 'tf32' (blip.precision)
     compile: bool = False               # torch.compile the training forward + backward (static-shape batches)
     schedule: str | None = None         # 'cosine' | 'step' (warmup + step decay); None: the task's default
-    deterministic: bool = False         # bit-identical runs and resumes (see blip.determinism), at a cost
+    deterministic: bool = False         # bit-identical runs and resumes (see blip.training.determinism), at a cost
     save_every_steps: int = 0           # 0: checkpoint at epoch ends only
     log_every: int = 50                 # the original's print_freq
     # --- contrastive / momentum ------------------------------------------------------------------
     alpha: float = 0.4
-    hard_negatives: dict | None = None  # NegCLIP: {captions: 3, images: 3} in retrieval/pretraining (blip.negatives)
+    hard_negatives: dict | None = None  # NegCLIP: {captions: 3, images: 3} in retrieval/pretraining (blip.data.negatives)
     # --- evaluation / generation ---------------------------------------------------------------
     k_test: int = 256
     rerank_precision: str = "fp32"      # retrieval evaluation's ITM re-rank: 'fp32' (the original) | 'bf16' | 'tf32'
@@ -104,7 +104,7 @@ class Config:
     noise_file: str = ""                # optional per-pair booleans (True = wrong caption): filter P/R
 
     def __post_init__(self):
-        from .negatives import HardNegatives
+        from ..data.negatives import HardNegatives
         HardNegatives.from_config(self.hard_negatives)  # a misspelled option is refused here, with its name
         unknown = sorted(set(self.init or {}) - {"vision", "text"})
         if unknown:
@@ -137,7 +137,6 @@ _AT_LEAST = {"batch_size": 1, "batch_size_train": 1, "batch_size_test": 1, "grad
              "num_captions": 1, "max_words": 1}
 _yaml = YAML(typ="safe")
 _CONFIG_KEYS = {f.name for f in dataclasses.fields(Config)} - {"model"}
-MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
 
 
 def _hints(name: str):

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import distributed as dist
-from .checkpoint import atomic_write
-from .engine import autocast
-from .tokenizer import CLS_ID, ENC_ID, pre_caption
-from .datasets import IMAGE_EXTS
-from .shards import expand_shards, is_remote, tar_caption, tar_headers
+from .. import distributed as dist
+from ..models.checkpoint import atomic_write
+from ..precision import autocast
+from ..data.tokenizer import CLS_ID, ENC_ID, pre_caption
+from ..data.datasets import IMAGE_EXTS
+from ..data.shards import expand_shards, is_remote, tar_caption, tar_headers
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def list_pairs(sources) -> list[Pair]:
 
 
 def _json_pairs(path) -> list[Pair]:
-    from .datasets import load_entries
+    from ..data.datasets import load_entries
     root = os.path.dirname(os.path.abspath(path))
     out = []
     for e in load_entries(path, ("image", "caption")):
@@ -71,7 +71,7 @@ def _json_pairs(path) -> list[Pair]:
 
 def _tar_pairs(path) -> list[Pair]:
     """Pairs of a webdataset tar, reading only the text members (image bytes are located, not read). Members
-    must be adjacent per sample, as training needs them (blip.shards.ShardOrderError otherwise)."""
+    must be adjacent per sample, as training needs them (blip.data.shards.ShardOrderError otherwise)."""
     if is_remote(path):
         raise ValueError(f"{path}: CapFilt reads shard images by offset and needs local .tar files; streamed "
                          f"(`pipe:`, http) shards are not supported here: copy them locally first")
@@ -119,7 +119,7 @@ class _ShardImages(Dataset):
     """(position, captioner pixels, filter pixels, raw bytes of tar images) or (position, None...) if unreadable."""
 
     def __init__(self, pairs, captioner_tf, filter_tf, same_size):
-        from .datasets import SkipsBadImages
+        from ..data.datasets import SkipsBadImages
         self.pairs = pairs
         self.reader = SkipsBadImages()  # its load_image: the loaders' error classes, logging and counting
         self.reader.transform = _TwoSizes(captioner_tf, None if same_size else filter_tf)
@@ -209,7 +209,7 @@ def process_shard(capfilt: CapFilt, pairs: list[Pair], start: int, seed: int, *,
     """
     device = capfilt.device
     size_c, size_f = capfilt.captioner.vision_cfg.image_size, capfilt.filter.vision_cfg.image_size
-    from .transforms import test_transform
+    from ..data.transforms import test_transform
     data = _ShardImages(pairs, test_transform(size_c), test_transform(size_f), size_c == size_f)
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -297,7 +297,7 @@ def merge(out_dir, n_shards: int, threshold: float, noise=None, extra: dict | No
     capfilt_summary.json and capfilt_scores.png. `noise`: per input pair, True = wrong web caption (scores the
     filter with filter_precision_recall). Returns the summary."""
     out_dir = Path(out_dir)
-    from .datasets import read_json
+    from ..data.datasets import read_json
     shards = [read_json(shard_path(out_dir, i)) for i in range(n_shards)]
     kept, unreadable = [], []
     counts = {s: {"candidates": 0, "kept": 0, "dropped": 0} for s in ("web", "synthetic")}

@@ -9,7 +9,7 @@ import functools
 import re
 from pathlib import Path
 
-VOCAB_FILE = Path(__file__).parent / "assets" / "bert-base-uncased-vocab.txt"
+VOCAB_FILE = Path(__file__).parents[1] / "assets" / "bert-base-uncased-vocab.txt"
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 100, 101, 102, 103
 DEC_ID, ENC_ID = 30522, 30523
 VOCAB_SIZE = 30524

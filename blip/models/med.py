@@ -32,7 +32,7 @@ _KEPT = threading.local()  # keep_attention_probs' opt-in, per thread: a server'
 def keep_attention_probs(*modules: "MultiHeadAttention"):
     """Inside, in this thread only, these attention modules compute softmax(QK^T/sqrt(d) + mask) explicitly and
     keep it (SDPA never materialises the probabilities); yields {module: probabilities [B, heads, Lq, Lk]}, filled
-    by the forward passes run inside. Grad-CAM (blip.explain) differentiates a score with respect to them."""
+    by the forward passes run inside. Grad-CAM (blip.inference.explain) differentiates a score with respect to them."""
     kept = {m: None for m in modules}
     outer = getattr(_KEPT, "probs", None)
     _KEPT.probs = kept
@@ -311,7 +311,7 @@ class TextModel(nn.Module):
         encoder_hidden_states: image tokens [B, N, w], or a pair of them for NLVR2; absent → text only.
         cross_kv: per-layer precomputed cross-attention (k, v), from `cross_kv()`, in place of them.
         cache: (per-layer preallocated (k, v), pos) for one new token per row at position `pos` (a 0-dim device
-        tensor): the static-shape decode step (blip.generation), causal by construction.
+        tensor): the static-shape decode step (blip.models.generation), causal by construction.
         """
         dev = input_ids.device
         if cache is not None:
@@ -427,7 +427,7 @@ def lm_loss(hidden, labels, head=None, reduction: str = "mean", label_smoothing:
     """Next-token cross-entropy (labels −100 ignored), label smoothing 0.1 as the original.
 
     `hidden` [B, L, h] are decoder states and `head` maps them to vocabulary logits; the head runs only at
-    `positions` (flat indices into [B, L - 1], blip.batches.lm_positions: position t predicts token t + 1), the
+    `positions` (flat indices into [B, L - 1], blip.data.batches.lm_positions: position t predicts token t + 1), the
     targets a collate listed on the host; without them they are found here (a host sync on a GPU). Positions whose
     label is −100 weigh nothing (a static batch lists them all). The same numbers as full logits for a fraction of
     the vocabulary projection's cost. Without `head`, `hidden` are the logits.

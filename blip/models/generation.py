@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .batches import sample_one
+from ..data.batches import sample_one
 from .med import TextDecoder
-from .tokenizer import PAD_ID, SEP_ID
+from ..data.tokenizer import PAD_ID, SEP_ID
 
 
 def _repetition_penalty(scores, ids, penalty):

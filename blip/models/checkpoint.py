@@ -145,7 +145,7 @@ def read_metadata(path) -> dict:
 
 
 def _training_state_metadata(path: Path) -> dict:
-    """{task, model_config} of a training state (blip.engine's checkpoint_latest.pt; one written before they were
+    """{task, model_config} of a training state (blip.training.engine's checkpoint_latest.pt; one written before they were
     stored: from its config's task and model keys); {} for any other .pt."""
     try:  # mapped, not read: the optimizer's state may be twice the weights
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -155,8 +155,8 @@ def _training_state_metadata(path: Path) -> dict:
         return {}
     if "task" in state:
         return {"task": state["task"], "model_config": state["model_config"]}
-    from .config import MODEL_KEYS
-    from .models import PRESETS, TASKS
+    from .base import MODEL_KEYS
+    from . import PRESETS, TASKS
     config = state.get("config") or {}
     keys = {k: v for k, v in config.items() if k in MODEL_KEYS and k != "preset"}
     meta = {"model_config": {**PRESETS.get(config.get("preset"), {}), **keys}}

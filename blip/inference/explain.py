@@ -10,7 +10,7 @@ token 0 (the ViT's [CLS], a timm backbone's pooled feature) is dropped and the r
 ViT's patches, or a timm CNN's H x W feature grid. Word pieces merge into words (the mean of their maps); the
 whole-text map is the mean over every word piece ([CLS]/[ENC] and [SEP] left out), as LAVIS's compute_gradcam.
 
-    cam = blip.explain.itm_gradcam(model, "photo.jpg", "a dog on a beach")
+    cam = blip.inference.explain.itm_gradcam(model, "photo.jpg", "a dog on a beach")
     cam.words, cam.word_maps            # ['a', 'dog', ...], [W, grid_h, grid_w]
     overlay(image, cam.word_maps[1])    # a PIL image: the map, upsampled, blended over the picture
 """
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .med import keep_attention_probs
-from .tokenizer import get_tokenizer, pre_caption
+from ..models.med import keep_attention_probs
+from ..data.tokenizer import get_tokenizer, pre_caption
 
 
 def default_layer(num_layers: int) -> int:
@@ -93,7 +93,7 @@ def itm_gradcam(model, image, text: str, layer: int | None = None) -> GradCAM:
     if isinstance(image, torch.Tensor):
         pixels = image.to(model.device)
     else:
-        from . import load_images
+        from ..data.images import load_images
         pixels = load_images([image], model.vision_cfg.image_size, model.device)
     pixels = pixels.to(next(model.parameters()).dtype)
     ids, mask = model.tokenize([text], max_length=model.text_max_length, first_token=model.itm_first_token)
@@ -162,9 +162,9 @@ def explain_to_folder(model, image_path, text: str, out_dir, layer: int | None =
     import json
     from pathlib import Path
 
-    from .checkpoint import atomic_write, move_aside
-    from .datasets import read_image_or_refuse
-    from .errors import OutputExistsError
+    from ..models.checkpoint import atomic_write, move_aside
+    from ..data.datasets import read_image_or_refuse
+    from ..errors import OutputExistsError
     image = read_image_or_refuse(image_path)  # a bad input is named before any output is refused or moved
     out = Path(out_dir)
     if (out / "gradcam.json").exists():

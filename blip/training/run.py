@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed as dist
-from .checkpoint import move_aside
+from .. import distributed as dist
+from ..models.checkpoint import move_aside
 from .config import add_config_args, config_from_args, save_config
-from .errors import OutputExistsError
+from ..errors import OutputExistsError
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint_latest.pt")  # any of them: the folder holds a run
@@ -120,7 +120,7 @@ def describe(task_cls) -> str:
 
 def evaluator(task, out: Path):
     """fn(model, epoch) -> metrics: the task's evaluations ('<split>_<metric>'), keeping the best epoch's weights."""
-    from .checkpoint import save_weights
+    from ..models.checkpoint import save_weights
     best_seen = [-math.inf]
     evaluations = {}
 

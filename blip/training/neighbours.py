@@ -1,7 +1,7 @@
 """NegCLIP's strong alternative images (Yuksekgonul et al. 2023): each training image's nearest neighbours, so that a
 batch holds every image next to one that looks like it and the losses must tell their captions apart.
 
-    table = load_or_build(model, dataset, k, transform, out_dir)   # once, as training starts (blip.engine.setup)
+    table = load_or_build(model, dataset, k, transform, out_dir)   # once, as training starts (blip.training.engine.setup)
     sampler = NeighbourSampler(len(dataset), b, table, ...)        # each anchor brings one neighbour: 2b per rank
 
 The neighbours are the exact top-k by cosine of the ITC image features of the model training starts from (the
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset
 
-from . import distributed as dist
-from .checkpoint import atomic_write
-from .datasets import ImageFiles, collate_image_files
-from .evaluation import eval_mode, rank_loader
+from .. import distributed as dist
+from ..models.checkpoint import atomic_write
+from ..data.datasets import ImageFiles, collate_image_files
+from ..evaluation.loops import eval_mode, rank_loader
 
 log = logging.getLogger(__name__)
 

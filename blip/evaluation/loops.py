@@ -1,4 +1,4 @@
-"""Evaluation loops shared by the entry scripts (they call the models; metrics come from blip.metrics).
+"""Evaluation loops shared by the entry scripts (they call the models; metrics come from blip.evaluation.metrics).
 
 Every evaluator runs on every rank: each rank takes its share of the queries/images, the results are
 gathered, so N ranks give the numbers of one."""
@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from . import distributed as dist
-from .checkpoint import atomic_write
+from .. import distributed as dist
+from ..models.checkpoint import atomic_write
 from .metrics import accuracy, caption_scores, retrieval_recall, vqa_accuracy
-from .tokenizer import first_token_as
+from ..data.tokenizer import first_token_as
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """BLIP's training objectives as plain functions: ITC with momentum distillation, ITM hard negatives.
 
-(The LM loss lives beside the decoder: `blip.med.lm_loss`, `TextDecoder.loss`.)
+(The LM loss lives beside the decoder: `blip.models.med.lm_loss`, `TextDecoder.loss`.)
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .batches import sample_one
+from ..data.batches import sample_one
 
 
 def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, *, image_queue, text_queue, temp, alpha, pos,
@@ -45,7 +45,7 @@ def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, *, image_queue, t
 @torch.no_grad()
 def draw_hard_negatives(weights_t2i, weights_i2t, generator=None):
     """One similarity-weighted draw per row: (image index for each text, text index for each image); the draws of
-    torch.multinomial(weights, 1), without its host sync (blip.batches.sample_one)."""
+    torch.multinomial(weights, 1), without its host sync (blip.data.batches.sample_one)."""
     return sample_one(weights_t2i, generator), sample_one(weights_i2t, generator)
 
 

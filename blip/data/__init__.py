@@ -1,0 +1,1 @@
+"""The data side: image reading, annotation datasets, tar shards, transforms, the tokenizer, typed batches, samplers."""

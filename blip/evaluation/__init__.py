@@ -1,0 +1,1 @@
+"""Evaluation: the loops over a task's eval sets (loops), the scores (metrics), the compositional probes."""
