@@ -42,7 +42,7 @@ def one(label, a) -> dict:
     import blip
     from blip.training.config import load_config
     from blip.precision import autocast
-    from blip.training.engine import build_optimizer
+    from blip.training.optim import build_optimizer
     device = torch.device(a.device)
     torch.manual_seed(0)
     task = "pretrain" if a.part == "pretrain" else "itm"

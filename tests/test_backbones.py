@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import blip
-from blip.training.engine import build_optimizer
+from blip.training.optim import build_optimizer
 from blip.data.transforms import MEAN, STD
 from tests._tiny import tiny_config
 

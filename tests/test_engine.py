@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from blip.training.engine import ResumableSampler, fit
-from blip.training.schedules import SCHEDULES
+from blip.data.samplers import ResumableSampler
+from blip.training.engine import fit
+from blip.training.optim import SCHEDULES
 from blip.tasks import CaptionTask, NLVRTask, PretrainTask
 from tests._tiny import PairData, tiny_config, tiny_model
 from tests.conftest import launch

@@ -11,7 +11,8 @@ from PIL import Image
 
 from blip.training import neighbours as N
 from blip.data.datasets import RetrievalTrainDataset, WebDatasetShards, read_image
-from blip.training.engine import NeighbourSampler, ResumableSampler, fit
+from blip.data.samplers import NeighbourSampler, ResumableSampler
+from blip.training.engine import fit
 from blip.tasks import CaptionTask, RetrievalTask
 from blip.data.transforms import test_transform as eval_transform
 from tests._tiny import PairData, tiny_config, tiny_model

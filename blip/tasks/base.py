@@ -19,7 +19,7 @@ from ..data.transforms import test_transform, train_transform
 class Task:
     names: tuple[str, ...] = ()   # the config `task` values this task runs (a config without one runs any)
     model_task = ""               # blip.load_model's task
-    schedule = "cosine"           # blip.training.schedules name; a config's `schedule:` overrides it
+    schedule = "cosine"           # blip.training.optim SCHEDULES name; a config's `schedule:` overrides it
     collate_fn = None             # a fixed DataLoader collate for a task without `collate` (None: torch's default)
     eval_every_epoch = True       # False: evaluate after the last epoch only
     crop_scale = (0.5, 1.0)       # RandomResizedCrop scale unless the config sets crop_scale

@@ -21,7 +21,7 @@ from ruamel.yaml import YAML
 
 from ..models.base import MODEL_KEYS, ModelConfig, PRESETS
 from ..precision import PRECISIONS
-from .schedules import SCHEDULES
+from .optim import SCHEDULES
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Config:
     lr_decay_rate: float = 0.9
     warmup_steps: int = 3000
     weight_decay: float = 0.05
-    layer_decay: float = 1.0            # visual encoder layer-wise LR decay (BEiT's); 1: off (see engine.build_optimizer)
+    layer_decay: float = 1.0            # visual encoder layer-wise LR decay (BEiT's); 1: off (see optim.build_optimizer)
     max_epoch: int = 5
     batch_size: int = 32                # per GPU, when the task has one batch size
     batch_size_train: int | None = None  # per GPU; None: batch_size
