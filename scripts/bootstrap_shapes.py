@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_step(name, script, config, out, sets, a, side_by_side=False):
-    """Run one entry script unless its output is there; returns the output folder."""
+    """Run one entry script unless it has finished (a training run: its log's `end` event; a part-trained one, whose
+    weights are already there, resumes); returns the output folder."""
     out = Path(out)
-    done = out / ("capfilt.json" if script == "capfilt.py" else "model.safetensors")
-    if done.exists():
-        print(f"[bootstrap] {name}: done already ({done})", flush=True)
+    if finished(script, out):
+        print(f"[bootstrap] {name}: done already ({out})", flush=True)
         return out
     launcher = [sys.executable] if a.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                        f"--nproc_per_node={a.nproc}"]
@@ -86,6 +86,13 @@ def caption_truth(capfilt_dir: Path, world: Path, threshold: float) -> dict:
         c["true_share"] = c["true"] / max(1, c["true"] + c["false"])
         c["true_share_kept"] = c["true_kept"] / max(1, c["true_kept"] + c["false_kept"])
     return n
+
+
+def finished(script: str, out: Path) -> bool:
+    if script == "capfilt.py":
+        return (out / "capfilt.json").exists()
+    log = out / "metrics.jsonl"
+    return log.exists() and any(json.loads(line).get("event") == "end" for line in open(log))
 
 
 def last_eval(out: Path) -> dict:

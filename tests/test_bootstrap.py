@@ -81,3 +81,23 @@ def test_each_step_gets_its_own_overrides_and_only_side_by_side_steps_are_pinned
     assert sets == [["meteor=false", "max_epoch=5", "seed=1"], ["meteor=false", "seed=1"], ["meteor=false", "seed=1"],
                     ["shard_size=8", "seed=1"]]
     assert filt_env["OMP_NUM_THREADS"] == cap_env["OMP_NUM_THREADS"] == "1" and pre_env is None and cf_env is None
+
+
+def test_a_step_cut_short_resumes_and_a_finished_one_is_skipped(tmp_path, monkeypatch):
+    # a killed pretraining already has model.safetensors (written every epoch): it must resume, not count as done
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bootstrap_shapes", ROOT / "scripts" / "bootstrap_shapes.py")
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    ran = []
+    monkeypatch.setattr(loop.subprocess, "run", lambda cmd, check, cwd, env: ran.append(cmd))
+    a = loop.argparse.Namespace(nproc=1, device="cpu", sets=[], capfilt_sets=[], filter_sets=[], jobs=1)
+    cut, done = tmp_path / "cut", tmp_path / "done"
+    for out, events in ((cut, ["train", "eval"]), (done, ["train", "eval", "end"])):
+        out.mkdir()
+        for name in ("model.safetensors", "checkpoint_latest.pt", "config.yaml"):
+            (out / name).write_text("")
+        (out / "metrics.jsonl").write_text("".join(json.dumps({"event": e}) + "\n" for e in events))
+    loop.run_step("cut", "pretrain.py", "x.yaml", cut, [], a)
+    loop.run_step("done", "pretrain.py", "x.yaml", done, [], a)
+    assert len(ran) == 1 and str(cut) in ran[0] and ran[0][ran[0].index("--resume") + 1] == "latest"

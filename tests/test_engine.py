@@ -47,12 +47,14 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path, accum):
     task, part = _pretrain(grad_accum_steps=accum, save_every_steps=1)
     steps = 2 * math.ceil(4 / accum)
     fit(task, part, data, tmp_path / "b", max_steps=steps // 2 + 1)  # "killed" in epoch 1
+    assert not _rows(tmp_path / "b", "end")  # cut short: the log does not say the run finished
     task, resumed = _pretrain(grad_accum_steps=accum)  # a fresh process: new model, state from the checkpoint
     fit(task, resumed, data, tmp_path / "b", resume="latest")
 
     _assert_same_weights(full, resumed)
     assert int(resumed.queue_ptr) == int(full.queue_ptr)
     assert (tmp_path / "b" / "metrics.jsonl").exists() and (tmp_path / "b" / "model.safetensors").exists()
+    assert [r["global_step"] for r in _rows(tmp_path / "b", "end")] == [steps]  # ... until the resumed run finished
 
 
 def test_accumulation_counts_optimizer_steps(tmp_path):

@@ -228,4 +228,6 @@ def fit(task, model, dataset, out_dir, *, evaluate=None, resume=None, device=Non
             if max_steps is not None and run.progress["global_step"] >= max_steps:
                 return metrics
         metrics = end_of_epoch(run, epoch, evaluate, metrics_log)
+    # the run is complete (a folder whose log lacks this was cut short: `--resume latest` finishes it)
+    metrics_log.write(event="end", epochs=cfg.max_epoch, global_step=run.progress["global_step"])
     return metrics
