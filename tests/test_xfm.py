@@ -7,7 +7,7 @@ import torch
 
 from blip.models.xfm import (XFM, XFMConfig, block_mask, hard_negative_weights, itc_loss_xfm, itm_loss, mim_loss,
                              mlm_loss, mlm_mask, wordpiece_word_ids)
-from blip.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, get_tokenizer, tokenize
+from blip.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, get_tokenizer, tokenize
 
 TEXTS = ["an unbelievably tokenized sentence", "a red circle left of a blue square",
          "two yellow crosses", "a big green star"]

@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..losses import draw_hard_negatives, itm_pairs
-from ..med import Encoder, LMPrediction, TextConfig, TextModel, additive_mask, init_bert_weights
-from ..tokenizer import CLS_ID, DEC_ID, ENC_ID, MASK_ID, PAD_ID, SEP_ID, VOCAB_SIZE, get_tokenizer
-from ..vit import VisionConfig, build_vit
+from .losses import draw_hard_negatives, itm_pairs
+from .med import Encoder, LMPrediction, TextConfig, TextModel, additive_mask, init_bert_weights
+from ..data.tokenizer import CLS_ID, DEC_ID, ENC_ID, MASK_ID, PAD_ID, SEP_ID, VOCAB_SIZE, get_tokenizer
+from .vit import VisionConfig, build_vit
 
 MIM_RATIO = 75 / 196  # X-FM masks 75 of the 196 patches at 224 / 16
 
