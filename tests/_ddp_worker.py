@@ -31,7 +31,7 @@ def negatives(out_dir, batch, device):
 
 
 def neighbours(out_dir, batch, device, data_dir):
-    from blip.data.datasets import RetrievalTrainDataset
+    from blip.tasks.retrieval import RetrievalTrainDataset
     from blip.data.transforms import test_transform
     cfg = tiny_config("hard_negatives={images: 2}", task="retrieval", batch_size=batch, max_epoch=1, queue_size=8,
                       seed=2)

@@ -67,7 +67,7 @@ def test_outputs_counts_and_unreadable(world, baseline):
     assert "filter_vs_noise" in summary and summary["filter_vs_noise"]["scored"] == 10
     assert (out_dir / "capfilt_scores.png").stat().st_size > 0
     # the cleaned JSON is a pretraining file: its image paths resolve from its own folder
-    from blip.data.datasets import PretrainDataset
+    from blip.tasks.pretrain import PretrainDataset
     ds = PretrainDataset(str(out_dir / "capfilt.json"), None)
     assert all(ds.load(i) is not None for i in range(len(ds)))
 

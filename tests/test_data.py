@@ -13,6 +13,11 @@ import torch
 from PIL import Image, ImageOps
 
 from blip.data import datasets as D
+from blip.tasks.caption import CaptionEvalDataset, CaptionTrainDataset, NoCapsDataset
+from blip.tasks.nlvr import NLVRDataset, swap_left_right
+from blip.tasks.pretrain import PretrainDataset, WebDatasetShards
+from blip.tasks.retrieval import RetrievalEvalDataset, RetrievalTrainDataset
+from blip.tasks.vqa import VQADataset, answer_weights
 from blip.data.batches import VQACollate
 from blip.data import transforms as T
 from data.shapes import generate_shapes_world
@@ -85,22 +90,22 @@ def test_randaugment_ops():
 # ---- datasets on the shapes world ----
 
 def test_pretrain_dataset(world, tf):
-    ds = D.PretrainDataset([world["pretrain"], world["pretrain_clean"]], tf, max_words=30)
+    ds = PretrainDataset([world["pretrain"], world["pretrain_clean"]], tf, max_words=30)
     assert len(ds) == 2 * N_TRAIN
     image, caption = ds[0]
     assert image.shape == (3, 16, 16) and isinstance(caption, str) and caption == caption.lower()
 
 
 def test_webdataset_shards_split(world, tf):
-    full = D.WebDatasetShards(world["pretrain_shards"], tf)
+    full = WebDatasetShards(world["pretrain_shards"], tf)
     assert len(full.shards) == 2
     captions = [c for _, c in full]
     assert len(captions) == N_TRAIN
     with open(world["pretrain"]) as f:
         assert sorted(captions) == sorted(e["caption"] for e in json.load(f))
     for shards in (full.shards, full.shards[:1]):  # by shard, then by sample (fewer shards than readers)
-        parts = [[c for _, c in D.WebDatasetShards(shards, tf, rank=r, world_size=2)] for r in range(2)]
-        whole = [c for _, c in D.WebDatasetShards(shards, tf)]
+        parts = [[c for _, c in WebDatasetShards(shards, tf, rank=r, world_size=2)] for r in range(2)]
+        whole = [c for _, c in WebDatasetShards(shards, tf)]
         assert sorted(parts[0] + parts[1]) == sorted(whole) and parts[0] and parts[1]
 
 
@@ -114,27 +119,27 @@ def test_webdataset_bad_member(tmp_path, tf):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    ds = D.WebDatasetShards(str(path), tf)
+    ds = WebDatasetShards(str(path), tf)
     samples = list(ds)
     assert [c for _, c in samples] == ["a red circle"] and ds.num_skipped == 1 and ds.bad_images == [f"{path}:b"]
 
 
 def test_caption_datasets(world, tf):
-    train = D.CaptionTrainDataset(world["karpathy_train"], world["root"], tf)
+    train = CaptionTrainDataset(world["karpathy_train"], world["root"], tf)
     assert len(train) == 5 * N_TRAIN and len(train.img_ids) == N_TRAIN
     image, caption, idx = train[7]
     assert image.shape == (3, 16, 16) and idx == 1 and not caption.startswith("a picture of")
-    ev = D.CaptionEvalDataset(world["karpathy_val"], world["root"], tf)
+    ev = CaptionEvalDataset(world["karpathy_val"], world["root"], tf)
     assert [ev[k][1] for k in range(len(ev))] == list(range(N_TRAIN + 1, N_TRAIN + N_VAL + 1))
-    nocaps = D.NoCapsDataset(world["nocaps_val"], world["root"], tf)
+    nocaps = NoCapsDataset(world["nocaps_val"], world["root"], tf)
     assert nocaps.image_ids == ev.image_ids
     assert D.int_id("val2014/COCO_val2014_000000391895.jpg") == 391895
 
 
 def test_retrieval_datasets(world, tf):
-    tr = D.RetrievalTrainDataset(world["karpathy_train"], world["root"], tf)
+    tr = RetrievalTrainDataset(world["karpathy_train"], world["root"], tf)
     assert [tr[k][2] for k in (0, 4, 5)] == [0, 0, 1]
-    ev = D.RetrievalEvalDataset(world["karpathy_test"], world["root"], tf)
+    ev = RetrievalEvalDataset(world["karpathy_test"], world["root"], tf)
     assert len(ev) == len(ev.image) == N_TEST and len(ev.text) == 5 * N_TEST
     assert ev.img2txt[1] == [5, 6, 7, 8, 9] and all(ev.txt2img[t] == i for i, ts in ev.img2txt.items() for t in ts)
     image, index = ev[2]
@@ -142,35 +147,35 @@ def test_retrieval_datasets(world, tf):
 
 
 def test_vqa_dataset_and_collate(world, tf):
-    train = D.VQADataset([world["vqa_train"]], world["root"], tf, split="train")
+    train = VQADataset([world["vqa_train"]], world["root"], tf, split="train")
     samples = [train[k] for k in range(3)]
     batch = VQACollate(question_max_length=35, answer_max_length=None)(samples)
     assert batch.images.shape == (3, 3, 16, 16) and batch.q_ids.shape[0] == 3
     n = [len(s[2]) for s in samples]
     assert len(batch.a_ids) == len(batch.weights) == sum(n) and torch.allclose(batch.weights.sum(), torch.tensor(3.0))
     assert batch.a_question.tolist() == [q for q, k in enumerate(n) for _ in range(k)]  # each answer's question
-    test = D.VQADataset(world["vqa_test"], world["root"], tf, split="test", answer_list=world["answer_list"])
+    test = VQADataset(world["vqa_test"], world["root"], tf, split="test", answer_list=world["answer_list"])
     image, question, qid = test[0]
     assert isinstance(qid, int) and question == question.lower() and "yes" in test.answer_list
 
 
 def test_vqa_weights_as_original():
-    answers, weights = D.answer_weights({"dataset": "vqa", "answer": ["two"] * 7 + ["three"] * 2 + ["2"]})
+    answers, weights = answer_weights({"dataset": "vqa", "answer": ["two"] * 7 + ["three"] * 2 + ["2"]})
     assert answers == ["two", "three", "2"] and weights == pytest.approx([0.7, 0.2, 0.1])
-    assert D.answer_weights({"dataset": "vg", "answer": "red"}) == (["red"], [0.2])
+    assert answer_weights({"dataset": "vg", "answer": "red"}) == (["red"], [0.2])
 
 
 def test_nlvr_swap(world, tf):
-    assert D.swap_left_right("the left image is right of the bright one") == "the right image is left of the bright one"
+    assert swap_left_right("the left image is right of the bright one") == "the right image is left of the bright one"
     rows = [{"images": ["images/train/shapes_000001.png", "images/train/shapes_000002.png"],
              "sentence": "The left image has more shapes than the right image.", "label": "True"}]
     ann = _write(os.path.join(world["root"], "nlvr_one.json"), rows)
     first = tf(Image.open(os.path.join(world["root"], rows[0]["images"][0])).convert("RGB"))
-    ev = D.NLVRDataset(ann, world["root"], tf, train=False)
+    ev = NLVRDataset(ann, world["root"], tf, train=False)
     for _ in range(5):  # evaluation never swaps
         im0, _, sentence, label = ev[0]
         assert torch.equal(im0, first) and sentence.startswith("the left image") and label == 1
-    train = D.NLVRDataset(ann, world["root"], tf, train=True)
+    train = NLVRDataset(ann, world["root"], tf, train=True)
     seen = set()
     for seed in range(8):
         random.seed(seed)
@@ -180,7 +185,7 @@ def test_nlvr_swap(world, tf):
                             else "the left image has more shapes than the right image")
         seen.add(swapped)
     assert seen == {True, False}
-    full = D.NLVRDataset(world["nlvr_train"], world["root"], tf, train=True)
+    full = NLVRDataset(world["nlvr_train"], world["root"], tf, train=True)
     assert len(full) == 10 * N_TRAIN and full[0][2]  # 10 statements per image (the default)
 
 
@@ -189,11 +194,11 @@ def test_nlvr_swap(world, tf):
 def test_missing_field_raises(tmp_path, world, tf):
     ann = _write(tmp_path / "bad.json", [{"image": "x.png", "caption": "a", "image_id": "1"}, {"image": "y.png", "caption": "b"}])
     with pytest.raises(ValueError, match=r"bad\.json: entry 1 .*image_id"):
-        D.CaptionTrainDataset(ann, world["root"], tf)
+        CaptionTrainDataset(ann, world["root"], tf)
     with pytest.raises(ValueError, match="entry 0"):
-        D.VQADataset(_write(tmp_path / "q.json", [{"image": "x", "question": "q?"}]), ".", tf, split="test")
+        VQADataset(_write(tmp_path / "q.json", [{"image": "x", "question": "q?"}]), ".", tf, split="test")
     with pytest.raises(ValueError, match="entry 0"):
-        D.NLVRDataset(_write(tmp_path / "n.json", [{"images": ["a"], "sentence": "s", "label": "True"}]), ".", tf, train=False)
+        NLVRDataset(_write(tmp_path / "n.json", [{"images": ["a"], "sentence": "s", "label": "True"}]), ".", tf, train=False)
 
 
 def test_corrupt_image_skipped_and_counted(tmp_path, world, tf, caplog):
@@ -202,7 +207,7 @@ def test_corrupt_image_skipped_and_counted(tmp_path, world, tf, caplog):
     (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     ann = _write(root / "pre.json", [{"image": "broken.jpg", "caption": "x"}, {"image": "missing.jpg", "caption": "y"},
                                      {"image": "good.png", "caption": "Two Circles!"}])
-    ds = D.PretrainDataset([ann], tf)
+    ds = PretrainDataset([ann], tf)
     with caplog.at_level(logging.WARNING, logger="blip.data.datasets"):
         image, caption = ds[0]
         ds[0]
@@ -215,7 +220,7 @@ def test_skip_count_reaches_trainer_from_workers(tmp_path, world, tf):
     shutil.copy(os.path.join(world["root"], "images/train/shapes_000001.png"), tmp_path / "good.png")
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
     rows = [{"image": "good.png", "caption": "a"}, {"image": "bad.jpg", "caption": "b"}]
-    ds = D.PretrainDataset([_write(tmp_path / "p.json", rows)], tf)
+    ds = PretrainDataset([_write(tmp_path / "p.json", rows)], tf)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)
     images, captions = next(iter(loader))
     assert images.shape[0] == 2 and list(captions) == ["a", "a"] and ds.num_skipped == 1

@@ -118,7 +118,7 @@ def test_data_workers_do_not_change_the_losses(tmp_path):
 
 
 def test_unreadable_images_are_counted_and_named_from_data_workers(tmp_path):
-    from blip.data.datasets import PretrainDataset
+    from blip.tasks.pretrain import PretrainDataset
     from blip.data.transforms import test_transform
     entries = []
     for i in range(12):
@@ -204,7 +204,7 @@ def test_schedule_is_the_tasks_unless_the_config_names_one():
 
 def test_webdataset_shards_train_and_resume(tmp_path):
     """Pretraining reads tar shards: an epoch is sized from the shards and a resume continues from there."""
-    from blip.data.datasets import WebDatasetShards
+    from blip.tasks.pretrain import WebDatasetShards
     from blip.data.transforms import test_transform
     from data.shapes import generate_shapes_world
     files = generate_shapes_world(tmp_path / "w", n_train=24, n_val=2, n_test=2, image_size=32, n_shards=2)

@@ -11,6 +11,11 @@ from PIL import Image, ImageFile
 
 import blip
 from blip.data import datasets as D
+from blip.tasks.caption import CaptionEvalDataset
+from blip.tasks.nlvr import NLVRDataset
+from blip.tasks.pretrain import PretrainDataset
+from blip.tasks.retrieval import RetrievalEvalDataset
+from blip.tasks.vqa import VQADataset
 from blip.data import transforms as T
 
 BAD = ("truncated.jpg", "empty.jpg", "text.jpg", "bomb_warns.png", "bomb_raises.png")
@@ -101,7 +106,7 @@ def test_same_rules_in_training_evaluation_capfilt_and_inference(cases):
     ann = _ann(root, want)
     expected = {n: tf(D.read_image(root / n)) for n in names if want[n] is not None}
 
-    train = D.PretrainDataset(ann, tf)  # training: skipped, counted, named
+    train = PretrainDataset(ann, tf)  # training: skipped, counted, named
     for k, n in enumerate(names):
         sample = train.load(k)
         assert (sample is None) == (n in BAD), n
@@ -109,7 +114,7 @@ def test_same_rules_in_training_evaluation_capfilt_and_inference(cases):
             assert torch.equal(sample[0], expected[n])
     assert sorted(train.bad_images) == sorted(str(root / n) for n in BAD) and train.num_skipped == len(BAD)
 
-    ev = D.CaptionEvalDataset(ann, str(root), tf)  # evaluation: never another image under this id
+    ev = CaptionEvalDataset(ann, str(root), tf)  # evaluation: never another image under this id
     for k, n in enumerate(names):
         if n in BAD:
             with pytest.raises(D.UnreadableEvalImages) as err:
@@ -154,16 +159,16 @@ def test_every_evaluation_dataset_refuses_unreadable_images_instead_of_duplicati
     (root / "ret.json").write_text(json.dumps([{"image": "ok.png", "caption": ["a"]}, {"image": "text.jpg", "caption": ["b"]}]))
     (root / "vqa.json").write_text(json.dumps([{"image": "empty.jpg", "question": "q?", "question_id": 1}]))
     (root / "nlvr.json").write_text(json.dumps([{"images": ["ok.png", "truncated.jpg"], "sentence": "s", "label": "True"}]))
-    ret = D.RetrievalEvalDataset(str(root / "ret.json"), str(root), tf)
+    ret = RetrievalEvalDataset(str(root / "ret.json"), str(root), tf)
     assert ret[0][1] == 0
     with pytest.raises(D.UnreadableEvalImages, match=r"entry 1: .*text\.jpg"):
         ret[1]
     with pytest.raises(D.UnreadableEvalImages, match="empty.jpg"):
-        D.VQADataset(str(root / "vqa.json"), str(root), tf, split="test")[0]
+        VQADataset(str(root / "vqa.json"), str(root), tf, split="test")[0]
     with pytest.raises(D.UnreadableEvalImages, match="truncated.jpg"):
-        D.NLVRDataset(str(root / "nlvr.json"), str(root), tf, train=False)[0]
+        NLVRDataset(str(root / "nlvr.json"), str(root), tf, train=False)[0]
     with pytest.raises(RuntimeError, match="no readable image"):  # training skips (and here finds none)
-        D.NLVRDataset(str(root / "nlvr.json"), str(root), tf, train=True)[0]
+        NLVRDataset(str(root / "nlvr.json"), str(root), tf, train=True)[0]
 
 
 # ---- item 5: annotation errors name the file and the place ----
@@ -173,23 +178,23 @@ def test_annotation_errors_name_the_file_and_line_or_entry(tmp_path):
     bad = tmp_path / "train.json"
     bad.write_text('[\n  {"image": "a.png", "caption": "x"},\n  {"image": "b.png" "caption": "y"}\n]')
     with pytest.raises(ValueError, match=r"train\.json: line 3 column 21"):
-        D.PretrainDataset(str(bad), tf)
+        PretrainDataset(str(bad), tf)
     from blip.inference.capfilt import list_pairs
     with pytest.raises(ValueError, match=r"train\.json: line 3"):
         list_pairs(str(bad))
     (tmp_path / "latin.json").write_bytes('[{"image": "caf\xe9"}]'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin\.json: not UTF-8"):
-        D.CaptionEvalDataset(str(tmp_path / "latin.json"), ".", tf)
+        CaptionEvalDataset(str(tmp_path / "latin.json"), ".", tf)
     (tmp_path / "dict.json").write_text('{"image": "a.png"}')
     with pytest.raises(ValueError, match=r"dict\.json: expected a JSON list"):
-        D.CaptionEvalDataset(str(tmp_path / "dict.json"), ".", tf)
+        CaptionEvalDataset(str(tmp_path / "dict.json"), ".", tf)
     (tmp_path / "str.json").write_text('[{"image": "a.png"}, "b.png"]')
     with pytest.raises(ValueError, match=r"str\.json: entry 1 is a str"):
-        D.CaptionEvalDataset(str(tmp_path / "str.json"), ".", tf)
+        CaptionEvalDataset(str(tmp_path / "str.json"), ".", tf)
     (tmp_path / "q.json").write_text('[{"image": "a.png", "question": "q", "question_id": 1}]')
     (tmp_path / "answers.json").write_text('["yes", "no",]')
     with pytest.raises(ValueError, match=r"answers\.json: line 1 column 14"):
-        D.VQADataset(str(tmp_path / "q.json"), ".", tf, split="test", answer_list=str(tmp_path / "answers.json"))
+        VQADataset(str(tmp_path / "q.json"), ".", tf, split="test", answer_list=str(tmp_path / "answers.json"))
     (tmp_path / "answers.json").write_text('["yes", 2]')
     with pytest.raises(ValueError, match=r"answers\.json: .*entry 1"):
-        D.VQADataset(str(tmp_path / "q.json"), ".", tf, split="test", answer_list=str(tmp_path / "answers.json"))
+        VQADataset(str(tmp_path / "q.json"), ".", tf, split="test", answer_list=str(tmp_path / "answers.json"))

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from blip.training import neighbours as N
-from blip.data.datasets import RetrievalTrainDataset, WebDatasetShards, read_image
+from blip.data.datasets import read_image
+from blip.tasks.retrieval import RetrievalTrainDataset
+from blip.tasks.pretrain import WebDatasetShards
 from blip.data.samplers import NeighbourSampler, ResumableSampler
 from blip.training.engine import fit
 from blip.tasks import CaptionTask, RetrievalTask

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blip.data import datasets as D
+from blip.tasks.pretrain import WebDatasetShards
 from blip.data.shards import ShardOrderError, expand_shards
 from blip.data import transforms as T
 
@@ -65,7 +65,7 @@ def test_plain_tar_shard_with_dot_slash_members_counts_and_reads_every_sample(tm
         subprocess.run(["tar", "--sort=name", "-C", str(src), "-cf", str(tmp_path / "sorted.tar"), "."], check=True)
     else:  # the same members, './' names, sorted
         _tar(tmp_path / "sorted.tar", [("./" + n, d) for smp in _samples(20) for n, d in smp])
-    ds = D.WebDatasetShards(str(tmp_path / "sorted.tar"), tf)
+    ds = WebDatasetShards(str(tmp_path / "sorted.tar"), tf)
     assert len(ds) == 20  # was 1: keys cut at the first dot of './000001.jpg'
     assert sorted(_captions(ds)) == sorted(f"caption {k}" for k in range(20)) and ds.num_skipped == 0
 
@@ -75,9 +75,9 @@ def test_non_adjacent_members_are_refused_with_the_shard_name_and_the_fix(tmp_pa
     members = [("./" + n, d) for smp in _samples(20) for n, d in smp]
     shard = _tar(tmp_path / "dirorder.tar", members[0::2] + members[1::2])
     with pytest.raises(ShardOrderError, match=r"dirorder\.tar.*not adjacent.*--sort=name"):
-        len(D.WebDatasetShards(shard, tf))  # counting the epoch
+        len(WebDatasetShards(shard, tf))  # counting the epoch
     with pytest.raises(ShardOrderError, match=r"dirorder\.tar.*--sort=name"):
-        _captions(D.WebDatasetShards(shard, tf, num_samples=20))  # streaming, no count
+        _captions(WebDatasetShards(shard, tf, num_samples=20))  # streaming, no count
     from blip.inference.capfilt import list_pairs
     with pytest.raises(ShardOrderError, match=r"dirorder\.tar"):
         list_pairs(shard)  # CapFilt's random-access reader refuses it the same way
@@ -88,17 +88,17 @@ def test_non_adjacent_members_are_refused_with_the_shard_name_and_the_fix(tmp_pa
 def test_brace_lists_pipe_urls_and_epoch_size(tmp_path, tf):
     spec = _shards(tmp_path, 3, 4)
     assert expand_shards(spec) == [str(tmp_path / f"shard-{s:05d}.tar") for s in range(3)]
-    local = D.WebDatasetShards(spec, tf)
+    local = WebDatasetShards(spec, tf)
     assert len(local) == 12 and sorted(_captions(local)) == sorted(f"caption {k}" for k in range(12))
-    assert len(D.WebDatasetShards(str(tmp_path / "*.tar"), tf)) == 12  # globs still work
+    assert len(WebDatasetShards(str(tmp_path / "*.tar"), tf)) == 12  # globs still work
     piped = f"pipe:cat {tmp_path}/shard-{{00000..00002}}.tar"
     assert expand_shards(piped)[1] == f"pipe:cat {tmp_path}/shard-00001.tar"
     with pytest.raises(ValueError, match="train_num_samples"):
-        len(D.WebDatasetShards(piped, tf))  # no count of a stream: told what to set
-    streamed = D.WebDatasetShards(piped, tf, num_samples=10)
+        len(WebDatasetShards(piped, tf))  # no count of a stream: told what to set
+    streamed = WebDatasetShards(piped, tf, num_samples=10)
     assert len(streamed) == 10 and _captions(streamed) == _captions(local)
-    assert len(D.WebDatasetShards(spec, tf, num_samples=7)) == 7
-    both = D.WebDatasetShards(f"{tmp_path}/shard-00000.tar::{tmp_path}/shard-00002.tar", tf)
+    assert len(WebDatasetShards(spec, tf, num_samples=7)) == 7
+    both = WebDatasetShards(f"{tmp_path}/shard-00000.tar::{tmp_path}/shard-00002.tar", tf)
     assert len(both) == 8
     from blip.inference.capfilt import list_pairs
     assert len(list_pairs(spec)) == 12
@@ -124,7 +124,7 @@ def test_img2dataset_layout_read_as_it_is(tmp_path, tf, caplog):
     shard = _tar(tmp_path / "00000.tar", members)
     (tmp_path / "00000_stats.json").write_text('{"count": 6, "successes": 5}')
     (tmp_path / "00000.parquet").write_bytes(b"PAR1")
-    ds = D.WebDatasetShards(str(tmp_path / "{00000..00000}.tar"), tf)
+    ds = WebDatasetShards(str(tmp_path / "{00000..00000}.tar"), tf)
     assert len(ds) == 5
     with caplog.at_level(logging.WARNING, logger="blip.data.datasets"):
         caps = _captions(ds)
@@ -138,7 +138,7 @@ def test_bad_json_member_is_skipped_with_its_name_and_position(tmp_path, tf, cap
     shard = _tar(tmp_path / "s.tar", [("a.png", _png(0)), ("a.json", b'{"caption": "ok"}'),
                                       ("b.png", _png(1)), ("b.json", b'{"caption": "x",\n oops}')])
     with caplog.at_level(logging.WARNING, logger="blip.data.datasets"):
-        assert _captions(D.WebDatasetShards(shard, tf)) == ["ok"]
+        assert _captions(WebDatasetShards(shard, tf)) == ["ok"]
     assert any("s.tar:b.json" in r.getMessage() and "line 2 column 2" in r.getMessage() for r in caplog.records)
 
 
@@ -147,11 +147,11 @@ def test_bad_json_member_is_skipped_with_its_name_and_position(tmp_path, tf, cap
 def test_split_by_rank_and_worker_shuffle_buffer_and_resampling(tmp_path, tf):
     spec = _shards(tmp_path, 4, 5)
     every = sorted(f"caption {k}" for k in range(20))
-    parts = [_captions(D.WebDatasetShards(spec, tf, shuffle=True, seed=3, rank=r, world_size=2)) for r in range(2)]
+    parts = [_captions(WebDatasetShards(spec, tf, shuffle=True, seed=3, rank=r, world_size=2)) for r in range(2)]
     assert sorted(parts[0] + parts[1]) == every and len(parts[0]) == len(parts[1]) == 10
 
     def epoch(e, **kw):
-        ds = D.WebDatasetShards(spec, tf, shuffle=True, seed=3, **{"shuffle_buffer": 8, **kw})
+        ds = WebDatasetShards(spec, tf, shuffle=True, seed=3, **{"shuffle_buffer": 8, **kw})
         ds.set_epoch(e)
         return _captions(ds)
 
@@ -162,12 +162,12 @@ def test_split_by_rank_and_worker_shuffle_buffer_and_resampling(tmp_path, tf):
 
     # DataLoader workers split shards too: 2 workers x 2 ranks = 4 readers, one shard each
     got = [[c for _, caps in torch.utils.data.DataLoader(
-        D.WebDatasetShards(spec, tf, shuffle=True, seed=3, rank=r, world_size=2), batch_size=5, num_workers=2)
+        WebDatasetShards(spec, tf, shuffle=True, seed=3, rank=r, world_size=2), batch_size=5, num_workers=2)
         for c in caps] for r in range(2)]
     assert sorted(got[0] + got[1]) == every and len(got[0]) == len(got[1]) == 10
 
     def resampled(rank, e=0, n=50):
-        ds = D.WebDatasetShards(spec, tf, shuffle=True, seed=3, resampled=True, rank=rank, world_size=2)
+        ds = WebDatasetShards(spec, tf, shuffle=True, seed=3, resampled=True, rank=rank, world_size=2)
         ds.set_epoch(e)
         it = iter(ds)
         return [next(it)[1] for _ in range(n)]  # endless: more samples than the shards hold
@@ -175,7 +175,7 @@ def test_split_by_rank_and_worker_shuffle_buffer_and_resampling(tmp_path, tf):
     r0 = resampled(0)
     assert r0 == resampled(0) and r0 != resampled(1) and r0 != resampled(0, e=1)
     assert set(r0) <= set(every)
-    assert len(D.WebDatasetShards(spec, tf, resampled=True)) == 20
+    assert len(WebDatasetShards(spec, tf, resampled=True)) == 20
 
 
 # ---- exact mid-epoch resume ----
@@ -190,7 +190,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, one_thread, workers):
     files = generate_shapes_world(tmp_path / "w", n_train=24, n_val=2, n_test=2, image_size=32, n_shards=4)
 
     def data():
-        return D.WebDatasetShards(files["pretrain_shards"], T.test_transform(32), shuffle=True, seed=1,
+        return WebDatasetShards(files["pretrain_shards"], T.test_transform(32), shuffle=True, seed=1,
                                   shuffle_buffer=6, num_samples=20)  # 5 steps of 4 per epoch
 
     task, full = _pretrain(num_workers=workers, max_epoch=2)

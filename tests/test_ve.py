@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import blip
-from blip.data.datasets import VEDataset
+from blip.tasks.ve import VEDataset
 from data.shapes_ve import VE_TEMPLATES, ensure_ve_set
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,11 +2,50 @@
 hard negatives; ITC top-k + ITM re-rank recall on val and test after every epoch, the best val r_mean kept."""
 from __future__ import annotations
 
-from ..data.datasets import RetrievalEvalDataset, RetrievalTrainDataset
+import os
+
+from ..data.datasets import ImageDataset, as_list, load_entries
+from ..data.tokenizer import pre_caption
 from ..evaluation.loops import evaluate_retrieval
 from ..data.batches import PairCollate
 from ..data.negatives import caption_sampler
 from .base import Task
+from .caption import CaptionTrainDataset
+
+
+class RetrievalTrainDataset(CaptionTrainDataset):
+    """Same files and samples as caption training: (image, caption, idx)."""
+
+
+class RetrievalEvalDataset(ImageDataset):
+    """Entries {image, caption: [str, ...]}. Exposes `.text` (every caption, flattened), `.image`,
+    `.txt2img` {text index: image index}, `.img2txt` {image index: [text indices]};
+    items are (image, image index)."""
+
+    evaluation = True
+
+    def __init__(self, ann_file, image_root, transform, max_words=30):
+        super().__init__(transform)
+        self.image_root, self.ann_file = image_root, ann_file
+        self.ann = load_entries(ann_file, ("image", "caption"))
+        self.text, self.image, self.txt2img, self.img2txt = [], [], {}, {}
+        for img_id, e in enumerate(self.ann):
+            self.image.append(e["image"])
+            self.img2txt[img_id] = []
+            for caption in as_list(e["caption"]):
+                self.img2txt[img_id].append(len(self.text))
+                self.txt2img[len(self.text)] = img_id
+                self.text.append(pre_caption(caption, max_words))
+
+    def __len__(self):
+        return len(self.ann)
+
+    def image_files(self, index):
+        return [os.path.join(self.image_root, self.image[index])]
+
+    def load(self, index):
+        image = self.load_image(os.path.join(self.image_root, self.image[index]))
+        return None if image is None else (image, index)
 
 
 class RetrievalTask(Task):

@@ -2,13 +2,49 @@
 test after every epoch, the best dev epoch kept."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..data.batches import ClassCollate
-from ..data.datasets import VEDataset
+from ..data.datasets import IMAGE_EXTS, ImageDataset, load_entries
+from ..data.tokenizer import pre_caption
 from ..evaluation.loops import eval_mode, gather, rank_loader
 from ..evaluation.metrics.nlvr import accuracy
 from .base import Task
+
+
+VE_LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}  # ALBEF's ids
+
+
+class VEDataset(ImageDataset):
+    """ALBEF's SNLI-VE files: entries {image, sentence, label} -> (image, sentence, label id). `image` is a Flickr30k
+    id without extension (`image_root/{image}.jpg`), or a path with its extension (kept as it is); the sentence is
+    cleaned with pre_caption; labels entailment / neutral / contradiction -> 2 / 1 / 0."""
+
+    def __init__(self, ann_file, image_root, transform, train: bool, max_words=30):
+        super().__init__(transform)
+        self.image_root, self.max_words, self.ann_file = image_root, max_words, ann_file
+        self.evaluation = not train
+        self.ann = load_entries(ann_file, ("image", "sentence", "label"))
+        for i, e in enumerate(self.ann):
+            if e["label"] not in VE_LABELS:
+                raise ValueError(f"{ann_file}: entry {i} has label {e['label']!r}; expected one of {sorted(VE_LABELS)}")
+
+    def __len__(self):
+        return len(self.ann)
+
+    def image_files(self, index):
+        image = str(self.ann[index]["image"])
+        has_ext = image.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
+        return [os.path.join(self.image_root, image if has_ext else f"{image}.jpg")]
+
+    def load(self, index):
+        e = self.ann[index]
+        image = self.load_image(self.image_files(index)[0])
+        if image is None:
+            return None
+        return image, pre_caption(e["sentence"], self.max_words), VE_LABELS[e["label"]]
 
 
 @torch.no_grad()

@@ -7,9 +7,72 @@ import json
 import os
 
 from ..data.batches import VQACollate
-from ..data.datasets import VQADataset
+from ..data.datasets import ImageDataset, as_list, load_entries, read_json
+from ..data.tokenizer import pre_question
 from ..evaluation.loops import evaluate_vqa
 from .base import Task
+
+
+def answer_weights(entry) -> tuple[list[str], list[float]]:
+    """The original's weights: VQA = each distinct answer's share of the annotators (summed 1/n at a
+    time, as the original does); Visual Genome = its one answer at 0.2."""
+    if entry["dataset"] == "vg":
+        return [entry["answer"]], [0.2]
+    answers = as_list(entry["answer"])
+    weights: dict[str, float] = {}
+    for a in answers:
+        weights[a] = weights.get(a, 0.0) + 1 / len(answers)
+    return list(weights), list(weights.values())
+
+
+class VQADataset(ImageDataset):
+    """split='train': entries {question, answer, image, dataset: 'vqa'|'vg'} ->
+    (image, question, answers, weights). split='test': {question_id, question, image} ->
+    (image, question, question_id). `image_root` is one folder or {'vqa': dir, 'vg': dir};
+    `answer_list` (a JSON path or a list) becomes `.answer_list`, the candidates for rank inference."""
+
+    def __init__(self, ann_files, image_root, transform, split="train", answer_list=None):
+        super().__init__(transform)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+        self.split, self.image_root, self.ann_file = split, image_root, ann_files
+        self.evaluation = split == "test"
+        required = ("image", "question", "answer", "dataset") if split == "train" else ("image", "question", "question_id")
+        self.ann = []
+        for f in as_list(ann_files):
+            entries = load_entries(f, required)
+            for i, e in enumerate(entries):
+                if split == "train" and e["dataset"] not in ("vqa", "vg"):
+                    raise ValueError(f"{f}: entry {i} has dataset {e['dataset']!r}, expected 'vqa' or 'vg'")
+            self.ann += entries
+        if isinstance(answer_list, (str, os.PathLike)):
+            path, answer_list = answer_list, read_json(answer_list)
+            if not isinstance(answer_list, list) or not all(isinstance(a, str) for a in answer_list):
+                bad = next((i for i, a in enumerate(answer_list) if not isinstance(a, str)), None) \
+                    if isinstance(answer_list, list) else None
+                raise ValueError(f"{path}: expected a JSON list of answer strings"
+                                 + (f"; entry {bad} is not a string" if bad is not None else ""))
+        self.answer_list = answer_list
+
+    def __len__(self):
+        return len(self.ann)
+
+    def _root(self, e):
+        return self.image_root[e.get("dataset", "vqa")] if isinstance(self.image_root, dict) else self.image_root
+
+    def image_files(self, index):
+        e = self.ann[index]
+        return [os.path.join(self._root(e), e["image"])]
+
+    def load(self, index):
+        e = self.ann[index]
+        image = self.load_image(os.path.join(self._root(e), e["image"]))
+        if image is None:
+            return None
+        question = pre_question(e["question"])
+        if self.split == "test":
+            return image, question, e["question_id"]
+        return (image, question, *answer_weights(e))
 
 
 class VQATask(Task):
