@@ -220,3 +220,12 @@ def test_a_training_folder_and_its_latest_state_load_as_the_model_they_hold(tmp_
                                              "cpu", "--json"])
         assert code == 0, err
         assert json_lines(stdout)[0]["image"] == str(pngs[0])
+
+
+def test_stochastic_depth_is_the_originals_for_each_model_class():
+    # the original: a base ViT drops paths (0.1) under the VQA and NLVR2 heads only; ViT-L always; a set value wins
+    from blip.models import TASKS, ModelConfig
+    base = {task: ModelConfig(vit="base").vision(cls.vision_drop_path).drop_path_rate for task, cls in TASKS.items()}
+    assert base == {"pretrain": 0.0, "retrieval": 0.0, "itm": 0.0, "caption": 0.0, "vqa": 0.1, "nlvr": 0.1, "ve": 0.0}
+    assert {ModelConfig(vit="large").vision(cls.vision_drop_path).drop_path_rate for cls in TASKS.values()} == {0.1}
+    assert ModelConfig(vit="base", drop_path_rate=0.2).vision(TASKS["vqa"].vision_drop_path).drop_path_rate == 0.2

@@ -69,7 +69,8 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def vision(self, task: str) -> VisionConfig | BackboneConfig:
+    def vision(self, base_drop_path: float = 0.0) -> VisionConfig | BackboneConfig:
+        """The image encoder's description; `base_drop_path`: the model class's stochastic depth for a base ViT."""
         if self.vision_backbone:
             return BackboneConfig(name=self.vision_backbone, image_size=self.image_size, file=self.vision_backbone_file,
                                   kwargs=dict(self.vision_backbone_args or {}),
@@ -82,8 +83,8 @@ class ModelConfig:
             raise ValueError(f"vit must be one of {sorted(VIT_PRESETS)}, got {self.vit!r}")
         width, depth, heads = VIT_PRESETS[self.vit]
         dpr = self.drop_path_rate
-        if dpr is None:  # original: ViT-L always 0.1; base 0.1 only for VQA and NLVR2
-            dpr = 0.1 if (self.vit == "large" or task in ("vqa", "nlvr")) else 0.0
+        if dpr is None:  # original: ViT-L always 0.1; base: the model class's (0.1 for VQA and NLVR2)
+            dpr = 0.1 if self.vit == "large" else base_drop_path
         return VisionConfig(image_size=self.image_size, patch_size=self.patch_size,
                             width=self.vision_width or width, depth=self.vision_depth or depth,
                             heads=self.vision_heads or heads, drop_path_rate=dpr, grad_ckpt=self.vit_grad_ckpt,
@@ -119,11 +120,16 @@ class BlipModel(nn.Module):
     task: str = ""
     # Checkpoint keys a model may start without (fresh heads when fine-tuning from another task).
     fresh_keys: tuple[str, ...] = ()
+    vision_drop_path: float = 0.0  # the original's stochastic depth for a base ViT under this head (drop_path_rate None)
+    # checkpoint key prefixes of cross-attention that reads text states, not the image (blip.models.checkpoint)
+    text_context_cross_attention: tuple[str, ...] = ()
+    starts_every_task: bool = False  # its checkpoints start every task (pretraining): loaded as another, no warning
+    transformers_class: str | None = None  # transformers' BLIP class of the same layout, if it has one
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision_cfg = cfg.vision(self.task)
+        self.vision_cfg = cfg.vision(self.vision_drop_path)
         if isinstance(self.vision_cfg, BackboneConfig):
             self.visual_encoder = build_backbone(self.vision_cfg)  # sets vision_cfg.width: the tokens' width
         else:

@@ -12,6 +12,7 @@ from .base import BlipModel
 
 class BlipCaption(BlipModel):
     task = "caption"
+    transformers_class = "BlipForConditionalGeneration"
     max_text_length = 40
 
     def __init__(self, cfg):

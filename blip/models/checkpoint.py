@@ -195,18 +195,18 @@ def _load_failure(e: Exception) -> str:
     return f"{type(e).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
 
 
-# Cross-attention that reads text states, not the image: the VQA answer decoder attends to the question
+# Cross-attention that reads text states, not the image (a model class's `text_context_cross_attention`): the VQA
+# answer decoder attends to the question
 # encoder, so it stays text-wide beside any ViT. A checkpoint whose decoder read an image of another width
 # (a ViT-L pretraining checkpoint) has image-wide K/V there: those start fresh (the original's loader relies
 # on this). Every other cross-attention reads the image, so a K/V of another width means another vision width.
-_TEXT_CONTEXT_CROSS_ATTENTION = {"vqa": ("text_decoder.bert.",)}
 _CROSS_KV = re.compile(r"encoder\.layer\.\d+\.crossattention\.self\.(key|value)\.weight$")
 
 
 def _fresh_cross_kv(model, key: str, have: torch.Size, want: torch.Size) -> bool:
     """True when `key` is a text-reading cross-attention K/V weight of the model's width (out features) whose
     checkpoint tensor reads states of another width: it is dropped and starts fresh."""
-    prefixes = _TEXT_CONTEXT_CROSS_ATTENTION.get(getattr(model, "task", ""), ())
+    prefixes = getattr(model, "text_context_cross_attention", ())
     return (any(key.startswith(p) and _CROSS_KV.fullmatch(key[len(p):]) for p in prefixes)
             and len(have) == len(want) == 2 and have[0] == want[0])
 

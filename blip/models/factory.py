@@ -29,7 +29,7 @@ def load_model(task: str | None = None, checkpoint=None, strict: bool | None = N
         task = stored_task
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    if stored_task not in (None, task, "pretrain"):  # a pretraining checkpoint starts every task: no warning
+    if stored_task not in (None, task) and not getattr(TASKS.get(stored_task), "starts_every_task", False):
         logging.getLogger(__name__).warning("%s was saved as a %r model; loading it as %r", checkpoint,
                                             stored_task, task)
     model = TASKS[task](ModelConfig.from_overrides(stored_description(checkpoint, task), **overrides))

@@ -13,6 +13,7 @@ from .base import BlipModel
 
 class BlipNLVR(BlipModel):
     task = "nlvr"
+    vision_drop_path = 0.1
     fresh_keys = ("merge_layer", "cls_head")
     text_max_length = None  # sentences are not truncated (the original); a static-shape (compiled) run pads them to
     text_static_length = 64  # this many tokens

@@ -21,6 +21,7 @@ from .base import BlipModel, MomentumMixin
 
 class BlipITM(BlipModel):
     task = "itm"
+    transformers_class = "BlipForImageTextRetrieval"
     itm_first_token = CLS_ID  # the original's standalone ITM model keeps [CLS] first
     text_max_length = 35
 
@@ -223,6 +224,7 @@ class _Contrastive(MomentumMixin, BlipITM):
 
 class BlipRetrieval(_Contrastive):
     task = "retrieval"
+    transformers_class = "BlipForImageTextRetrieval"
     fresh_keys = ("idx_queue", "ptr_queue", "image_queue", "text_queue", "temp", "_m.")
 
     def __init__(self, cfg):
@@ -269,6 +271,8 @@ class BlipRetrieval(_Contrastive):
 
 class BlipPretrain(_Contrastive):
     task = "pretrain"
+    transformers_class = None  # its ITC / ITM / LM heads together: no one transformers class
+    starts_every_task = True
     text_max_length = 30
     decodes = True
     fresh_keys = ("image_queue", "text_queue", "queue_ptr", "temp", "_m.", "itm_head", "vision_proj", "text_proj",

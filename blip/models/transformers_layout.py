@@ -62,7 +62,9 @@ def config_from_transformers(cfg, task: str | None = None) -> dict:
         _refuse("tie_word_embeddings", False, "our LM head is tied to the word embeddings")
     if t["vocab_size"] < VOCAB_SIZE:
         _refuse("text_config.vocab_size", t["vocab_size"], f"our tokenizer's ids go up to {VOCAB_SIZE - 1}")
-    if (task == "vqa" or arch == "BlipForQuestionAnswering") and v["hidden_size"] != t["hidden_size"]:
+    from . import TASKS  # the package imports this module: read at call time
+    classes = {arch, getattr(TASKS.get(task), "transformers_class", None)}
+    if "BlipForQuestionAnswering" in classes and v["hidden_size"] != t["hidden_size"]:
         _refuse("vision_config.hidden_size", v["hidden_size"],
                 f"transformers' BlipForQuestionAnswering builds its answer decoder's cross-attention that wide but "
                 f"feeds it the text_config.hidden_size={t['hidden_size']} question states")
@@ -112,11 +114,10 @@ def to_transformers(model, out_dir=None):
 def transformers_config(model) -> dict:
     """transformers' BlipConfig (as config.json) of our model: every field that sets a shape or a computation."""
     v, t = model.vision_cfg, model.text_cfg()
-    arch = {"caption": "BlipForConditionalGeneration", "itm": "BlipForImageTextRetrieval",
-            "retrieval": "BlipForImageTextRetrieval", "vqa": "BlipForQuestionAnswering"}.get(model.task)
+    arch = model.transformers_class
     if arch is None:
         raise ValueError(f"transformers has no BLIP class for task {model.task!r}")
-    if model.task == "vqa" and v.width != t.hidden_size:
+    if arch == "BlipForQuestionAnswering" and v.width != t.hidden_size:
         raise ValueError(f"transformers' BlipForQuestionAnswering needs one width for both towers (its answer "
                          f"decoder's cross-attention is built vision-wide): vision {v.width}, text {t.hidden_size}")
     return {"architectures": [arch], "model_type": "blip", "image_text_hidden_size": model.cfg.embed_dim,

@@ -12,6 +12,9 @@ from .base import BlipModel
 
 class BlipVQA(BlipModel):
     task = "vqa"
+    vision_drop_path = 0.1
+    text_context_cross_attention = ("text_decoder.bert.",)  # the answer decoder reads the question
+    transformers_class = "BlipForQuestionAnswering"
     question_max_length = 35
     answer_max_length = None  # answers are not truncated (the original); a static-shape (compiled) run pads them to
     answer_static_length = 10  # this many tokens ([DEC] and [SEP] included), VQA v2's answers fit
