@@ -141,7 +141,7 @@ def bench_itm(a, device):
     def ours_way(m, pixels, precision):  # what blip.inference.itm runs per batch
         emb, _ = m.image_features(pixels)
         ids, mask, _ = inference.predict._text_features(m, clean, precision)
-        return inference.predict._itm_matrix(m, emb, ids, mask)
+        return m.itm_matrix(emb, ids, mask)
 
     ours = lambda: ours_way(model, x, "fp32")  # noqa: E731
     model_b = copy.deepcopy(model).to(torch.bfloat16) if a.bf16 else None  # `blip itm --bf16`: bfloat16 weights

@@ -20,7 +20,7 @@ WORKER = textwrap.dedent("""
     import blip
     from blip import distributed as dist
     from blip.training.config import load_config
-    from blip.evaluation import evaluate_caption, evaluate_retrieval
+    from blip.evaluation.loops import evaluate_caption, evaluate_retrieval
 
     SIZES = dict(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, embed_dim=16,
                  med_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))

@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader, Subset
 from .. import distributed as dist
 from ..models.checkpoint import atomic_write
 from .metrics import accuracy, caption_scores, retrieval_recall, vqa_accuracy
-from ..data.tokenizer import first_token_as
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +28,8 @@ def retrieval_features(model, dataset, batch_size=64, num_workers=0, device=None
         e, f = model.image_features(images.to(device))
         embeds.append(e)
         feats.append(f)
-    ids, masks, tfeats = [], [], []
-    texts = dataset.text
-    width = model.text_max_length
-    for s in range(0, len(texts), text_batch):
-        i, m, f = model.text_features(texts[s:s + text_batch])
-        pad = width - i.shape[1]  # one width for the whole gallery
-        ids.append(torch.nn.functional.pad(i, (0, pad)))
-        masks.append(torch.nn.functional.pad(m, (0, pad)))
-        tfeats.append(f)
-    return torch.cat(embeds), torch.cat(feats), torch.cat(ids), torch.cat(masks), torch.cat(tfeats)
+    ids, mask, text_feat = model.encode_texts(dataset.text, chunk=text_batch, width=model.text_max_length)
+    return torch.cat(embeds), torch.cat(feats), ids, mask, text_feat
 
 
 @torch.no_grad()
@@ -52,22 +43,10 @@ def evaluate_retrieval(model, dataset, *, k_test=256, batch_size=64, num_workers
     was_training = model.training
     model.eval()
     image_embeds, image_feat, ids, mask, text_feat = retrieval_features(model, dataset, batch_size, num_workers)
-    ids = first_token_as(ids, model.itm_first_token)  # [ENC] for the retrieval and pretraining models' re-rank
-    sims = image_feat @ text_feat.t()
-    world, rank = dist.get_world_size(), dist.get_rank()
-
-    def scores(s, queries_are_images):
-        n = s.shape[0]
-        step = -(-n // world)
-        lo, hi = min(n, rank * step), min(n, (rank + 1) * step)
-        part = model.rerank(s[lo:hi], k_test, image_embeds, ids, mask, queries_are_images=queries_are_images,
-                            batch_size=rerank_batch,
-                            query_offset=lo, progress=dist.is_main(), precision=rerank_precision)
-        if world > 1:
-            part = torch.cat([p.to(s.device) for p in dist.all_gather_object(part.cpu())])
-        return part
-
-    score_i2t, score_t2i = scores(sims, True), scores(sims.t(), False)
+    score_i2t, score_t2i = model.retrieval_scores(
+        k_test=k_test, image_embeds=image_embeds, image_feat=image_feat, text_ids=ids, text_mask=mask,
+        text_feat=text_feat, batch_size=rerank_batch, progress=dist.is_main(), precision=rerank_precision,
+        across_ranks=True)
     model.train(was_training)
     metrics = retrieval_recall(score_i2t, score_t2i, dataset.txt2img, dataset.img2txt)
     metrics.update(feature_spread(image_feat, text_feat))

@@ -76,39 +76,10 @@ def answer(model, images, question=None, *, batch_size=8, workers=2, precision="
             yield {"image": it.id, "question": q, "answer": a}
 
 
-def _text_features(model, texts, precision, chunk=256):
+def _text_features(model, texts, precision):
     """(ITM ids, mask, ITC features) of texts, tokenized and encoded once for a whole run."""
-    ids, mask, feats = [], [], []
-    for s in range(0, len(texts), chunk):
-        with torch.inference_mode(), autocast(model, precision):
-            i, m, f = model.text_features(texts[s:s + chunk])
-        ids.append(i), mask.append(m), feats.append(f.float())
-    width = max(i.shape[1] for i in ids)
-    ids = torch.cat([F.pad(i, (0, width - i.shape[1])) for i in ids])
-    mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in mask])
-    return first_token_as(ids, model.itm_first_token), mask, torch.cat(feats)
-
-
-def _itm_matrix(model, image_embeds, ids, mask, pairs_per_call=128):
-    """ITM match probability [n_images, n_texts] for every image × every text, the image tokens encoded once
-    (the ViT ran once per image) and each image's cross-attention K/V projected once per call."""
-    n_img, n_txt = image_embeds.shape[0], ids.shape[0]
-    out = torch.empty(n_img, n_txt, device=image_embeds.device)
-    per = max(1, pairs_per_call // n_txt)  # whole images per call, so rows stay grouped by image
-    if per > 1 or n_txt <= pairs_per_call:
-        for s in range(0, n_img, per):
-            emb = image_embeds[s:s + per]
-            index = torch.arange(len(emb), device=emb.device).repeat_interleave(n_txt)
-            logits = model.itm_logits(emb, ids.repeat(len(emb), 1), mask.repeat(len(emb), 1), image_index=index)
-            out[s:s + per] = logits.float().softmax(-1)[:, 1].view(len(emb), n_txt)
-        return out
-    for i in range(n_img):  # many texts: chunks of texts against one image
-        for s in range(0, n_txt, pairs_per_call):
-            t = slice(s, s + pairs_per_call)
-            index = torch.zeros(ids[t].shape[0], dtype=torch.long, device=ids.device)
-            logits = model.itm_logits(image_embeds[i:i + 1], ids[t], mask[t], image_index=index)
-            out[i, t] = logits.float().softmax(-1)[:, 1]
-    return out
+    with torch.inference_mode(), autocast(model, precision):
+        return model.encode_texts(texts, first_token=model.itm_first_token)
 
 
 def itm(model, images, texts=None, *, batch_size=8, workers=2, precision="fp32", unreadable=None):
@@ -127,7 +98,7 @@ def itm(model, images, texts=None, *, batch_size=8, workers=2, precision="fp32",
         with torch.inference_mode(), autocast(model, precision):
             image_embeds, image_feat = model.image_features(x)
             if texts is not None:
-                prob = _itm_matrix(model, image_embeds, ids, mask)
+                prob = model.itm_matrix(image_embeds, ids, mask)
                 sim = image_feat.float() @ text_feat.t()
                 for i, it in enumerate(batch):
                     for j, t in enumerate(texts):

@@ -44,6 +44,20 @@ class BlipITM(BlipModel):
         ids, mask = self.tokenize(texts, max_length=max_length or self.text_max_length)
         return ids, mask, self.encode_text(ids, mask)
 
+    def encode_texts(self, texts, *, first_token=None, chunk=256, width=None):
+        """(ids, mask, float32 ITC features) of many texts, tokenized and encoded `chunk` at a time and padded to one
+        width (`width`, else the longest): what a gallery, a query set or a label set is encoded by once.
+        `first_token`: the ids' first token for ITM ([CLS] or [ENC]: the model's `itm_first_token`); None keeps
+        [CLS], the text encoder's."""
+        ids, mask, feats = [], [], []
+        for s in range(0, len(texts), chunk):
+            i, m, f = self.text_features(texts[s:s + chunk])
+            ids.append(i), mask.append(m), feats.append(f.float())
+        width = width or max(i.shape[1] for i in ids)
+        ids = torch.cat([F.pad(i, (0, width - i.shape[1])) for i in ids])
+        mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in mask])
+        return (ids if first_token is None else first_token_as(ids, first_token)), mask, torch.cat(feats)
+
     def encode_text(self, ids, mask):
         """Normalised projected [CLS] feature of tokenized texts ([CLS] first)."""
         return F.normalize(self.text_proj(self.text_encoder(ids, mask)[:, 0]), dim=-1)
@@ -55,6 +69,27 @@ class BlipITM(BlipModel):
             return self.itm_head(self.text_encoder(ids, mask, image_embeds)[:, 0])
         kv = self.text_encoder.cross_kv(image_embeds, index=image_index)
         return self.itm_head(self.text_encoder(ids, mask, cross_kv=kv)[:, 0])
+
+    def itm_matrix(self, image_embeds, ids, mask, pairs_per_call=128):
+        """ITM match probability [n_images, n_texts] for every image × every text, the image tokens encoded once
+        (the ViT ran once per image) and each image's cross-attention K/V projected once per call."""
+        n_img, n_txt = image_embeds.shape[0], ids.shape[0]
+        out = torch.empty(n_img, n_txt, device=image_embeds.device)
+        per = max(1, pairs_per_call // n_txt)  # whole images per call, so rows stay grouped by image
+        if per > 1 or n_txt <= pairs_per_call:
+            for s in range(0, n_img, per):
+                emb = image_embeds[s:s + per]
+                index = torch.arange(len(emb), device=emb.device).repeat_interleave(n_txt)
+                logits = self.itm_logits(emb, ids.repeat(len(emb), 1), mask.repeat(len(emb), 1), image_index=index)
+                out[s:s + per] = logits.float().softmax(-1)[:, 1].view(len(emb), n_txt)
+            return out
+        for i in range(n_img):  # many texts: chunks of texts against one image
+            for s in range(0, n_txt, pairs_per_call):
+                t = slice(s, s + pairs_per_call)
+                index = torch.zeros(ids[t].shape[0], dtype=torch.long, device=ids.device)
+                logits = self.itm_logits(image_embeds[i:i + 1], ids[t], mask[t], image_index=index)
+                out[i, t] = logits.float().softmax(-1)[:, 1]
+        return out
 
     # -- inference API ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -89,12 +124,14 @@ class BlipITM(BlipModel):
     @torch.no_grad()
     def retrieval_scores(self, pixel_values=None, texts=None, k_test=256, *, image_embeds=None, image_feat=None,
                          text_ids=None, text_mask=None, text_feat=None, batch_size=128, progress=False,
-                         precision="fp32"):
-        """The original retrieval evaluation: ITC top-k per query, then ITM logit[:, 1] + ITC similarity for
-        those k, −100 elsewhere. Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]).
+                         precision="fp32", across_ranks=False):
+        """The original retrieval protocol, the one every caller runs: ITC top-k per query, then ITM logit[:, 1] +
+        ITC similarity for those k, −100 elsewhere. Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]).
 
         Re-ranking is batched over queries (`batch_size` pairs per ITM call), not one query at a time.
-        Precomputed features may be passed instead of pixel_values/texts (the evaluator does).
+        Precomputed features may be passed instead of pixel_values/texts (the evaluator does). `across_ranks`:
+        each torchrun rank re-ranks a contiguous slice of the queries and the rows are gathered, so N ranks give
+        one process's scores.
         """
         if image_embeds is None:
             image_embeds, image_feat = self.image_features(pixel_values)
@@ -102,12 +139,19 @@ class BlipITM(BlipModel):
             text_ids, text_mask, text_feat = self.text_features(texts)
         text_ids = first_token_as(text_ids, self.itm_first_token)
         sims = image_feat @ text_feat.t()
-        n_img, n_txt = sims.shape
-        score_i2t = self.rerank(sims, k_test, image_embeds, text_ids, text_mask, queries_are_images=True,
-                                batch_size=batch_size, progress=progress, precision=precision)
-        score_t2i = self.rerank(sims.t(), k_test, image_embeds, text_ids, text_mask, queries_are_images=False,
-                                batch_size=batch_size, progress=progress, precision=precision)
-        return score_i2t, score_t2i
+        world, rank = (dist.get_world_size(), dist.get_rank()) if across_ranks else (1, 0)
+
+        def scores(s, queries_are_images):
+            step = -(-s.shape[0] // world)
+            lo, hi = min(s.shape[0], rank * step), min(s.shape[0], (rank + 1) * step)
+            part = self.rerank(s[lo:hi], k_test, image_embeds, text_ids, text_mask,
+                               queries_are_images=queries_are_images, batch_size=batch_size, query_offset=lo,
+                               progress=progress, precision=precision)
+            if world > 1:
+                part = torch.cat([p.to(s.device) for p in dist.all_gather_object(part.cpu())])
+            return part
+
+        return scores(sims, True), scores(sims.t(), False)
 
     @torch.no_grad()
     def rerank(self, sims, k, image_embeds, text_ids, text_mask, *, queries_are_images, batch_size=128,
