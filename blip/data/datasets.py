@@ -2,8 +2,7 @@
 a required field raises ValueError naming the file and the entry's index); the one image reader (read_image); the
 skip-and-count base (ImageDataset: an unreadable image is skipped, logged once and counted in `num_skipped`, shared
 memory, so counts made in DataLoader workers reach the trainer; evaluation stops instead, naming every unreadable
-image); ImageFiles, distinct images for feature passes. Each task's own datasets live in its file under blip/tasks/
-and hold cleaned raw strings (pre_caption / pre_question); the model tokenises."""
+image). Each task's own datasets live in its file under blip/tasks/ and hold cleaned raw strings (pre_caption / pre_question); the model tokenises."""
 from __future__ import annotations
 
 import io
@@ -179,38 +178,6 @@ class SkipsBadImages:
                                 "in metrics.jsonl lists them)")
             return None
         return self.transform(img) if self.transform is not None else img
-
-
-class ImageFiles(Dataset):
-    """Distinct (path, box) images, each through every transform given (one per image size needed): item i is
-    (i, [tensors], None), or (i, None, why) for an unreadable image (the caller skips and names it)."""
-
-    def __init__(self, keys, transforms):
-        self.keys, self.transforms = keys, transforms
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, i):
-        path, box = self.keys[i]
-        try:
-            img = read_image(path)
-        except UnreadableImage as e:
-            return i, None, str(e)
-        if box is not None:
-            x, y, w, h = box
-            img = img.crop((x, y, x + w, y + h))
-        return i, [t(img) for t in self.transforms], None
-
-
-def collate_image_files(batch):
-    """(readable indices, one stacked tensor per transform, [(index, why) unreadable])."""
-    good = [b for b in batch if b[1] is not None]
-    bad = [(b[0], b[2]) for b in batch if b[1] is None]
-    if not good:
-        return [], [], bad
-    n = len(good[0][1])
-    return [b[0] for b in good], [torch.stack([b[1][k] for b in good]) for k in range(n)], bad
 
 
 class ImageDataset(SkipsBadImages, Dataset):

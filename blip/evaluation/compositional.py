@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.datasets import ImageFiles, collate_image_files
+from ..data.images import ImageReads, collate_image_reads
 from ..data.tokenizer import DEC_ID, ENC_ID, first_token_as, pre_caption
 from ..data.transforms import test_transform
 
@@ -344,14 +344,15 @@ class ProbeScorer:
         for n, c in enumerate(cases):
             by_image[key_index[(c.image, c.box)]].append(n)
         sizes = self._sizes()
-        loader = DataLoader(ImageFiles(keys, [test_transform(s) for s in sizes]), batch_size=self.batch_size,
-                            num_workers=self.num_workers, collate_fn=collate_image_files)
+        reads = ImageReads([path for path, _ in keys], [test_transform(s) for s in sizes], boxes=[b for _, b in keys])
+        loader = DataLoader(reads, batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=collate_image_reads)
         if self.progress:
             from tqdm import tqdm
             loader = tqdm(loader, desc=desc, leave=False)
         out = {h: [None] * len(cases) for h in self.heads}
         unreadable = []
-        for image_ids, pixels, bad in loader:
+        for image_ids, pixels, _, bad in loader:
             unreadable += [(keys[i][0], why) for i, why in bad]
             if not image_ids:
                 continue

@@ -10,6 +10,7 @@ where a crash happened. Outputs (see `merge`): the cleaned pretraining JSON, a s
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .. import distributed as dist
 from ..models.checkpoint import atomic_write
@@ -44,6 +45,10 @@ class Pair:
     @property
     def in_tar(self) -> bool:
         return self.offset >= 0
+
+    def open(self):
+        """The image's path, or a tar member's bytes as a file object (blip.data.images.ImageReads)."""
+        return io.BytesIO(read_bytes(self)) if self.in_tar else self.image
 
 
 def list_pairs(sources) -> list[Pair]:
@@ -107,51 +112,6 @@ def read_bytes(pair: Pair) -> bytes:
         return f.read()
 
 
-class _TwoSizes:
-    def __init__(self, captioner_tf, filter_tf):
-        self.captioner_tf, self.filter_tf = captioner_tf, filter_tf
-
-    def __call__(self, img):
-        return self.captioner_tf(img), None if self.filter_tf is None else self.filter_tf(img)
-
-
-class _ShardImages(Dataset):
-    """(position, captioner pixels, filter pixels, raw bytes of tar images) or (position, None...) if unreadable."""
-
-    def __init__(self, pairs, captioner_tf, filter_tf, same_size):
-        from ..data.datasets import SkipsBadImages
-        self.pairs = pairs
-        self.reader = SkipsBadImages()  # its load_image: the loaders' error classes, logging and counting
-        self.reader.transform = _TwoSizes(captioner_tf, None if same_size else filter_tf)
-        self.reader._init_skips()
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        import io
-        pair = self.pairs[i]
-        try:
-            data = read_bytes(pair)
-        except OSError as e:
-            log.warning("skipping unreadable image %s (%s: %s)", pair.name, type(e).__name__, e)
-            return i, None, None, None
-        out = self.reader.load_image(io.BytesIO(data), pair.name)
-        if out is None:
-            return i, None, None, None
-        cap, filt = out
-        return i, cap, cap if filt is None else filt, data if pair.in_tar else None
-
-
-def _collate(batch):
-    good = [b for b in batch if b[1] is not None]
-    bad = [b[0] for b in batch if b[1] is None]
-    if not good:
-        return [], None, None, [], bad
-    idx, cap, filt, raw = zip(*good)
-    return list(idx), torch.stack(cap), torch.stack(filt), list(raw), bad
-
-
 # ---- the two models -------------------------------------------------------------------------------------------
 
 class CapFilt:
@@ -210,18 +170,23 @@ def process_shard(capfilt: CapFilt, pairs: list[Pair], start: int, seed: int, *,
     device = capfilt.device
     size_c, size_f = capfilt.captioner.vision_cfg.image_size, capfilt.filter.vision_cfg.image_size
     from ..data.transforms import test_transform
-    data = _ShardImages(pairs, test_transform(size_c), test_transform(size_f), size_c == size_f)
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    from ..data.images import ImageReads, collate_image_reads
+    sizes = [size_c] if size_c == size_f else [size_c, size_f]
+    data = ImageReads(pairs, [test_transform(s) for s in sizes], keep_bytes=True)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_image_reads)
     generator = torch.Generator(device=device).manual_seed(seed)
     rows, unreadable = {}, []
     batches = loader
     if progress:
         from tqdm import tqdm
         batches = tqdm(loader, desc=f"shard from {start}", leave=False, dynamic_ncols=True)
-    for idx, pix_c, pix_f, raw, bad in batches:
-        unreadable += [{"index": start + i, "image": pairs[i].name} for i in bad]
+    for idx, pixels, raw, bad in batches:
+        for i, why in bad:
+            log.warning("skipping unreadable image %s", why)
+            unreadable.append({"index": start + i, "image": pairs[i].name})
         if not idx:
             continue
+        pix_c, pix_f = pixels[0], pixels[-1]
         synthetic = capfilt.captions(pix_c.to(device, non_blocking=True), generator)
         web = [pre_caption(pairs[i].caption, capfilt.max_words) for i in idx]
         scores = capfilt.itm_scores(pix_f.to(device, non_blocking=True), [[w] + s for w, s in zip(web, synthetic)])

@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ..data.datasets import IMAGE_EXTS, UnreadableImage, load_entries, read_image
+from ..data.datasets import IMAGE_EXTS, load_entries
 from ..data.shards import expand_shards, is_remote, tar_headers
 
 IMAGE_SUFFIXES = tuple("." + e for e in IMAGE_EXTS) + (".bmp", ".gif", ".tif", ".tiff")
@@ -34,6 +34,10 @@ class Item:
     size: int = 0
     label: str | None = None
     text: str | None = None
+
+    @property
+    def name(self) -> str:  # what a report calls it (blip.data.images.ImageReads)
+        return self.id
 
     def open(self):
         """The image's bytes as a file object (tar member) or its path."""
@@ -193,32 +197,6 @@ def resolve(image_id: str) -> Item:
     return Item(image_id)
 
 
-class ImageItems(Dataset):
-    """Decodes and transforms item i in a DataLoader worker: (i, pixels) or (i, reason) when unreadable."""
-
-    def __init__(self, items: list[Item], transform):
-        self.items, self.transform = items, transform
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        try:
-            return i, self.transform(read_image(item.open(), item.id))
-        except UnreadableImage as e:
-            return i, str(e)
-        except OSError as e:  # a shard that went away, ...
-            return i, f"{item.id}: {type(e).__name__}: {e}"
-
-
-def _collate(batch):
-    good = [(i, x) for i, x in batch if isinstance(x, torch.Tensor)]
-    bad = [(i, x) for i, x in batch if not isinstance(x, torch.Tensor)]
-    pixels = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], pixels, bad
-
-
 def image_batches(items: list[Item], image_size: int, *, batch_size: int = 8, workers: int = 2, device=None,
                   unreadable: list | None = None, progress=None):
     """(items of the batch, pixel_values [n, 3, S, S]) for every batch of readable images, in order. Decoding and
@@ -230,11 +208,12 @@ def image_batches(items: list[Item], image_size: int, *, batch_size: int = 8, wo
     import logging
     from ..data.transforms import test_transform_uint8, to_model_input
     cuda = device is not None and torch.device(device).type == "cuda"
-    loader = DataLoader(ImageItems(items, test_transform_uint8(image_size)), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate, prefetch_factor=4 if workers else None,
+    from ..data.images import ImageReads, collate_image_reads
+    loader = DataLoader(ImageReads(items, [test_transform_uint8(image_size)]), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate_image_reads, prefetch_factor=4 if workers else None,
                         persistent_workers=False, pin_memory=cuda)
     ahead = None  # (items, pixels already on their way to the device)
-    for idx, pixels, bad in loader:
+    for idx, pixels, _, bad in loader:
         for i, reason in bad:
             if unreadable is None:
                 logging.getLogger(__name__).warning("skipping unreadable image %s", reason)
@@ -242,7 +221,8 @@ def image_batches(items: list[Item], image_size: int, *, batch_size: int = 8, wo
                 unreadable.append((items[i], reason))
         if progress is not None:
             progress.update(len(bad))
-        if pixels is not None:
+        if idx:
+            pixels = pixels[0]
             moved = to_model_input(pixels if device is None else pixels.to(device, non_blocking=True))
             if ahead is not None:
                 yield ahead

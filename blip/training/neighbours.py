@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset
 
 from .. import distributed as dist
 from ..models.checkpoint import atomic_write
-from ..data.datasets import ImageFiles, collate_image_files
+from ..data.images import ImageReads, collate_image_reads
 from ..evaluation.loops import eval_mode, rank_loader
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,8 @@ def image_features(model, paths, transform, batch_size=64, num_workers=0) -> tup
     an unreadable image's row is zeros."""
     rows = [None] * len(paths)
     with eval_mode(model):
-        loader = rank_loader(ImageFiles([(p, None) for p in paths], [transform]), batch_size, num_workers,
-                             collate_fn=collate_image_files)
-        for index, pixels, bad in loader:
+        loader = rank_loader(ImageReads(paths, [transform]), batch_size, num_workers, collate_fn=collate_image_reads)
+        for index, pixels, _, bad in loader:
             for why in (w for _, w in bad):
                 log.warning("neighbours: skipping unreadable image %s", why)
             if index:
