@@ -75,3 +75,14 @@ def test_vqa_generation_and_the_graph_free_fallback(captioner):
     how = Decoding(num_beams=2, max_length=6, min_length=1, static=True)
     masked = generate_ids(vqa.text_decoder, states, prompt, how, encoder_mask=torch.ones(2, 5, dtype=torch.long))
     assert len(masked) == 2
+
+
+def test_one_decoding_value_or_its_fields_as_keywords_and_unknown_ones_refused():
+    torch.manual_seed(0)
+    model = blip.load_model("caption", preset="micro")
+    x = torch.randn(2, 3, model.cfg.image_size, model.cfg.image_size)
+    how = Decoding(num_beams=2, max_length=9, min_length=3)
+    assert model.generate(x, how) == model.generate(x, num_beams=2, max_length=9, min_length=3)
+    assert model.generate(x, how, num_beams=1) == model.generate(x, num_beams=1, max_length=9, min_length=3)
+    with pytest.raises(TypeError, match=r"unknown decoding option\(s\) \['beams'\]"):
+        model.generate(x, beams=2)

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from blip.training.config import load_config
 from blip.evaluation.loops import evaluate_caption, evaluate_nlvr, evaluate_vqa
+from blip.models.generation import Decoding
 from tests.conftest import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +101,8 @@ class Stub(torch.nn.Module):
     def _rows(self, images):
         return [self.table[int(v)] for v in images[:, 0, 0, 0]]
 
-    def generate(self, images, **kw):
-        self.kwargs.append(kw)
+    def generate(self, images, how=None, **kw):
+        self.kwargs.append(kw if how is None else how)
         return self._rows(images)
 
     def answer(self, images, questions, **kw):
@@ -127,7 +128,7 @@ def test_caption_evaluator_scores_results_against_coco_ground_truth(tmp_path):
         {"image_id": 11, "caption": "a red circle on the left"},
         {"image_id": 12, "caption": "two blue squares at the top"},
         {"image_id": 13, "caption": "a green triangle in the center"}]
-    assert stub.kwargs[0] == dict(num_beams=4, max_length=11, min_length=2, repetition_penalty=1.1)
+    assert stub.kwargs[0] == Decoding(num_beams=4, max_length=11, min_length=2, repetition_penalty=1.1)
     assert scores["Bleu_1"] == pytest.approx(1.0) and scores["Bleu_4"] == pytest.approx(1.0)
     assert "METEOR" not in scores and scores["CIDEr"] > 1.0
 

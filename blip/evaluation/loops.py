@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .. import distributed as dist
 from ..models.checkpoint import atomic_write
+from ..models.generation import Decoding
 from .metrics import accuracy, caption_scores, retrieval_recall, vqa_accuracy
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,11 @@ def evaluate_caption(model, dataset, cfg, gt_file=None, result_file=None):
     `gt_file` with PTB tokenisation + BLEU, METEOR (cfg.meteor), ROUGE-L, CIDEr (+SPICE). No gt_file (NoCaps): no
     scores."""
     results = []
+    how = Decoding(num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
+                   repetition_penalty=cfg.repetition_penalty)
     with eval_mode(model):
         for images, image_ids in rank_loader(dataset, cfg.test_batch_size, cfg.num_workers):
-            captions = model.generate(images.to(model.device), num_beams=cfg.num_beams, max_length=cfg.max_length,
-                                      min_length=cfg.min_length, repetition_penalty=cfg.repetition_penalty)
+            captions = model.generate(images.to(model.device), how)
             results += [{"image_id": int(i), "caption": c} for i, c in zip(image_ids, captions)]
     results = gather(results)
     _write_json(results, result_file)

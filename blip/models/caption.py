@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..data.batches import CaptionBatch
-from .generation import Decoding, generate_ids
+from .generation import Decoding, decoding_of, generate_ids
 from .med import TextDecoder
 from ..data.tokenizer import DEC_ID, decode
 from .base import BlipModel
@@ -14,6 +14,7 @@ class BlipCaption(BlipModel):
     task = "caption"
     transformers_class = "BlipForConditionalGeneration"
     max_text_length = 40
+    decoding = Decoding(num_beams=3, max_length=20, min_length=5)  # the original's captioning defaults
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -35,18 +36,17 @@ class BlipCaption(BlipModel):
                                                   positions=batch.lm_positions)}
 
     @torch.no_grad()
-    def generate(self, pixel_values, *, num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0,
-                 sample=False, top_p=0.9, top_k=50, prompt=None, generator=None, return_ids=False, num_captions=1,
-                 static=None):
-        """Captions (the prompt cut off their front, as the original). Beam search, or nucleus sampling
-        with `sample=True` (the original used repetition_penalty 1.1 there). max_length counts the prompt.
-        `num_captions` per image (sampling): image i's are items i*n ... i*n + n-1 of the list.
-        `static`: blip.models.generation.Decoding.static (None: captured static-shape decoding on CUDA)."""
+    def generate(self, pixel_values, how: Decoding | None = None, *, prompt=None, generator=None, return_ids=False,
+                 num_captions=1, **options):
+        """Captions (the prompt cut off their front, as the original). `how`: one Decoding value (default
+        `self.decoding`: beam search, 3 beams, 5 to 20 tokens), or its fields as keywords over it (num_beams=...,
+        sample=True for nucleus sampling: the original used repetition_penalty 1.1 there; max_length counts the
+        prompt; static: None = captured static-shape decoding on CUDA). `num_captions` per image (sampling): image
+        i's are items i*n ... i*n + n-1 of the list."""
         prompt = self.cfg.prompt if prompt is None else prompt
+        how = decoding_of(self.decoding, how, **options)
         image_embeds = self.visual_encoder(pixel_values)
-        how = Decoding(num_beams=num_beams, max_length=max_length, min_length=min_length,
-                       repetition_penalty=repetition_penalty, sample=sample, top_p=top_p, top_k=top_k, static=static)
-        if num_captions > 1 and not (sample or num_beams == 1):  # beam search: each row its own image copy
+        if num_captions > 1 and not (how.sample or how.num_beams == 1):  # beam search: each row its own image copy
             image_embeds = image_embeds.repeat_interleave(num_captions, dim=0)
         n_out = len(pixel_values) * num_captions  # sampling: each image's K/V projected once, read by its n rows
         ids = generate_ids(self.text_decoder, image_embeds, self.prompt_ids(prompt, n_out), how, generator=generator)

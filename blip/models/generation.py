@@ -7,6 +7,8 @@ are projected once per image and read by all its beams (see `MultiHeadAttention`
 """
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 from contextlib import nullcontext
 import weakref
@@ -90,6 +92,16 @@ class Decoding:
     pad_id: int = PAD_ID
     static: bool | None = None  # rows of fixed layout over a preallocated cache, the step captured as a CUDA graph
     #                             on a GPU (StaticRows); None: on CUDA. The same tokens either way.
+
+
+def decoding_of(default: Decoding, how: Decoding | None = None, **options) -> Decoding:
+    """`how` (else `default`) with `options` (Decoding fields: num_beams=..., sample=...) over it; another key is
+    refused by name."""
+    known = {f.name for f in dataclasses.fields(Decoding)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown decoding option(s) {unknown}; known: {sorted(known)}")
+    return dataclasses.replace(how or default, **options)
 
 
 @torch.no_grad()

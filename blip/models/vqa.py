@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..data.batches import VQABatch
-from .generation import Decoding, generate_ids
+from .generation import Decoding, decoding_of, generate_ids
 from .med import TextDecoder, TextModel
 from ..data.tokenizer import DEC_ID, ENC_ID, PAD_ID, decode
 from .base import BlipModel
@@ -18,6 +18,7 @@ class BlipVQA(BlipModel):
     question_max_length = 35
     answer_max_length = None  # answers are not truncated (the original); a static-shape (compiled) run pads them to
     answer_static_length = 10  # this many tokens ([DEC] and [SEP] included), VQA v2's answers fit
+    decoding = Decoding(num_beams=3, max_length=10, min_length=1)  # the original's answer generation
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -44,15 +45,16 @@ class BlipVQA(BlipModel):
         return {"loss_vqa": (batch.weights.to(seq_loss.dtype) * seq_loss).sum() / batch.images.shape[0]}
 
     @torch.no_grad()
-    def answer(self, pixel_values, questions, *, method="generate", answer_list=None, k=128, num_beams=3,
-               max_length=10, min_length=1, static=None):
-        """Answers by beam-search generation, or by ranking `answer_list` (top-k first tokens, then full
-        sequences scored by −loss), both as the original."""
+    def answer(self, pixel_values, questions, how: Decoding | None = None, *, method="generate", answer_list=None,
+               k=128, **options):
+        """Answers by beam-search generation (`how`: one Decoding value, default `self.decoding`, or its fields as
+        keywords over it), or by ranking `answer_list` (top-k first tokens, then full sequences scored by −loss),
+        both as the original."""
         states, q_mask = self.encode_questions(pixel_values, questions)
         if method == "generate":
             # The original attends to every question position here, padding included.
             prompt = torch.full((len(questions), 1), DEC_ID, dtype=torch.long, device=self.device)
-            how = Decoding(num_beams=num_beams, max_length=max_length, min_length=min_length, static=static)
+            how = decoding_of(self.decoding, how, **options)
             ids = generate_ids(self.text_decoder, states, prompt, how)
             return [decode(seq) for seq in ids]
         if method != "rank":
