@@ -24,6 +24,33 @@ from ..precision import PRECISIONS
 from .optim import SCHEDULES
 
 
+@dataclass(frozen=True)
+class TrainingConfig:
+    """All the engine reads (blip.training.engine, optim, state; blip.data.samplers): the optimizer, the schedule,
+    precision, accumulation, checkpointing and the loader's batch, workers and seed. `Config.training()` makes it;
+    no task key reaches the loop."""
+    seed: int
+    num_workers: int
+    train_batch_size: int
+    max_epoch: int
+    schedule: str                       # a SCHEDULES name: the config's, else the task's
+    init_lr: float
+    min_lr: float
+    warmup_lr: float
+    lr_decay_rate: float
+    warmup_steps: int
+    weight_decay: float
+    layer_decay: float
+    grad_accum_steps: int
+    grad_clip: float | None
+    loss_weights: dict | None
+    precision: str
+    compile: bool
+    save_every_steps: int
+    log_every: int
+    record: dict = field(default_factory=dict, compare=False)  # the whole run config, as checkpoints keep it
+
+
 @dataclass
 class Config:
     # --- what to run ---------------------------------------------------------------------------
@@ -120,6 +147,12 @@ class Config:
     @property
     def test_batch_size(self) -> int:
         return self.batch_size if self.batch_size_test is None else self.batch_size_test
+
+    def training(self, schedule: str) -> TrainingConfig:
+        """The engine's part of this config; `schedule`: the SCHEDULES name the run uses (Task.schedule_name)."""
+        own = {f.name for f in dataclasses.fields(TrainingConfig)} - {"train_batch_size", "schedule", "record"}
+        return TrainingConfig(**{k: getattr(self, k) for k in own}, train_batch_size=self.train_batch_size,
+                              schedule=schedule, record=self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, as the YAML files: the model options at the top level."""

@@ -30,6 +30,7 @@ from .. import distributed as dist
 from ..data.samplers import EpochData
 from ..models.checkpoint import save_weights
 from ..precision import autocast
+from .config import TrainingConfig
 from .optim import SCHEDULES, build_optimizer
 from .state import load_training_state, save_training_state
 
@@ -69,6 +70,7 @@ class Run:
     """What the loop carries: the task, the bare model and the one to call for gradients (DDP-wrapped on several
     ranks), the optimizer, the data and where training is."""
     task: object
+    cfg: TrainingConfig  # the engine's keys only (Config.training)
     model: torch.nn.Module
     forward: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -78,10 +80,6 @@ class Run:
     out_dir: Path
     progress: dict = field(default_factory=lambda: {"epoch": 0, "step": 0, "global_step": 0, "skipped": []})
     finite: torch.Tensor | None = None   # all losses finite since the last check (checked without a sync)
-
-    @property
-    def cfg(self):
-        return self.task.cfg
 
     @property
     def accum(self):
@@ -100,7 +98,7 @@ class Run:
 
 
 def setup(task, model, dataset, out_dir, resume=None, device=None) -> Run:
-    cfg = task.cfg
+    cfg = task.cfg.training(task.schedule_name)
     device = device or next(model.parameters()).device
     model.to(device)
     forward = model
@@ -114,7 +112,7 @@ def setup(task, model, dataset, out_dir, resume=None, device=None) -> Run:
     data = EpochData(dataset, cfg, task.collate(model), device, neighbours)
     if cfg.compile:  # the training forward (the losses, momentum encoders included) and its backward
         forward = torch.compile(forward)
-    run = Run(task, model, forward, optimizer, scaler, data, device, Path(out_dir),
+    run = Run(task, cfg, model, forward, optimizer, scaler, data, device, Path(out_dir),
               finite=torch.ones((), dtype=torch.bool, device=device))
     if resume:
         path = run.checkpoint if resume == "latest" else Path(resume)
@@ -138,7 +136,7 @@ def forward_backward(run: Run, batch, progress: Progress, n_micro: int, last: bo
 
 def train_step(run: Run, batches, progress: Progress) -> tuple[float, dict]:
     """One optimizer step over its micro-batches; returns (lr, this rank's losses averaged over micro-steps)."""
-    lr = SCHEDULES[run.task.schedule_name](run.cfg, progress.epoch, progress.step)
+    lr = SCHEDULES[run.cfg.schedule](run.cfg, progress.epoch, progress.step)
     for g in run.optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     run.task.begin_step(run.model, progress)
@@ -184,7 +182,7 @@ def end_of_epoch(run: Run, epoch: int, evaluate, metrics_log) -> dict:
     check_finite(run, f"in epoch {epoch}")
     skipped = [n for names in dist.all_gather_object(run.progress["skipped"]) for n in names]
     run.progress = {"epoch": epoch + 1, "step": 0, "global_step": run.progress["global_step"], "skipped": []}
-    save_training_state(run.checkpoint, run.model, run.optimizer, run.scaler, dict(run.progress), run.cfg)
+    save_training_state(run.checkpoint, run.model, run.optimizer, run.scaler, dict(run.progress), run.cfg.record)
     if dist.is_main():
         save_weights(run.model, run.out_dir / "model.safetensors")
     if skipped:
@@ -224,7 +222,7 @@ def fit(task, model, dataset, out_dir, *, evaluate=None, resume=None, device=Non
                 log_step(run, metrics_log, bar, lr, losses, progress)
             if cfg.save_every_steps and run.progress["global_step"] % cfg.save_every_steps == 0:
                 check_finite(run, f"in epoch {epoch} by step {step}")
-                save_training_state(run.checkpoint, model, run.optimizer, run.scaler, dict(run.progress), cfg)
+                save_training_state(run.checkpoint, model, run.optimizer, run.scaler, dict(run.progress), cfg.record)
             if max_steps is not None and run.progress["global_step"] >= max_steps:
                 return metrics
         metrics = end_of_epoch(run, epoch, evaluate, metrics_log)

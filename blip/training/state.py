@@ -36,15 +36,15 @@ def previous_checkpoint(path) -> Path:
     return Path(path).with_name(Path(path).name.replace("_latest", "_previous"))
 
 
-def save_training_state(path, model, optimizer, scaler, progress, cfg):
+def save_training_state(path, model, optimizer, scaler, progress, config: dict):
     """Everything needed to continue exactly: called on every rank (RNG states are gathered), rank 0 writes.
     The checkpoint it replaces is kept as checkpoint_previous.pt, a fallback should the latest be damaged later
-    (a full disk, a copy cut short)."""
+    (a full disk, a copy cut short). `config`: the whole run config (TrainingConfig.record), as config.yaml holds it."""
     rngs = dist.all_gather_object(_rng_state())
     if dist.is_main():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
-                 "progress": progress, "rng": rngs, "config": cfg.to_dict(),
+                 "progress": progress, "rng": rngs, "config": config,
                  # what the weights are, as save_weights' metadata: `blip` and load_model read them from here too
                  "task": model.task, "model_config": model.cfg.to_dict()}
         atomic_write(path, lambda tmp: (torch.save(state, tmp), _keep_previous(path)))
