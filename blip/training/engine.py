@@ -206,6 +206,7 @@ def fit(task, model, dataset, out_dir, *, evaluate=None, resume=None, device=Non
     if resume and run.progress["epoch"] >= cfg.max_epoch:
         log.warning("the resumed run is already complete (%d of %d epochs trained): nothing to train; raise "
                     "max_epoch to train on", run.progress["epoch"], cfg.max_epoch)
+        return metrics  # its log untouched
     for epoch in range(run.progress["epoch"], cfg.max_epoch):
         model.train()
         first = run.progress["step"]
