@@ -153,7 +153,7 @@ def display_copy(image, max_side: int = 768, min_side: int = 256):
     return image.resize(size, Image.NEAREST if scale > 1 else Image.BICUBIC)
 
 
-def explain_to_folder(model, image_path, text: str, out_dir, layer: int | None = None, max_side: int = 768,
+def explain_to_folder(model, image_path, text: str, out_dir, *, layer: int | None = None, max_side: int = 768,
                       overwrite: bool = False) -> dict:
     """`blip explain`: one overlay PNG per word (NN_word.png) and one of the whole text (text.png) under
     `out_dir`, and gradcam.json: the match probability and each map's peak in the image's own pixels. Overlays
