@@ -120,3 +120,29 @@ def test_a_config_names_its_task_and_what_the_task_needs(tmp_path, capsys):
                                                    "--set", "train_file=[]"])
     assert code == 2 and "config key 'train_file' is empty" in err
     assert not out.exists()
+
+
+def test_a_resumed_run_keeps_the_better_earlier_epoch_as_model_best(tmp_path):
+    # the best score so far comes back from the log: a resumed run's first, worse evaluation overwrites nothing
+    import blip
+    from blip.training.run import Evaluator
+
+    class Scored:
+        eval_every_epoch, cfg = True, type("Cfg", (), {"max_epoch": 3})()
+        score = 0.0
+
+        def evaluations(self, model, out_dir):
+            return {"val": lambda m: {"acc": self.score}}
+
+        def best(self, metrics):
+            return metrics["val_acc"]
+
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"time": 1.0, "event": "eval", "epoch": 0, "val_acc": 0.9}) + "\n")
+    task, model = Scored(), blip.load_model("itm", preset="micro")
+    evaluate = Evaluator(task, tmp_path)
+    task.score = 0.5
+    assert evaluate(model, 1) == {"val_acc": 0.5} and not (tmp_path / "model_best.safetensors").exists()
+    task.score = 0.95
+    evaluate(model, 2)
+    assert (tmp_path / "model_best.safetensors").exists() and evaluate.best == 0.95

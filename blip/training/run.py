@@ -118,26 +118,40 @@ def describe(task_cls) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
-def evaluator(task, out: Path):
-    """fn(model, epoch) -> metrics: the task's evaluations ('<split>_<metric>'), keeping the best epoch's weights."""
-    from ..models.checkpoint import save_weights
-    best_seen = [-math.inf]
-    evaluations = {}
+class Evaluator:
+    """evaluate(model, epoch) -> metrics: the task's evaluations ('<split>_<metric>'), keeping the best epoch's weights
+    (model_best.safetensors). The best score so far is read back from the run's log, so a resumed run keeps a
+    better earlier epoch's weights instead of overwriting them with its first evaluation."""
 
-    def evaluate(model, epoch):
-        if not task.eval_every_epoch and 0 <= epoch < task.cfg.max_epoch - 1:
+    def __init__(self, task, out: Path):
+        self.task, self.out, self.evaluations = task, Path(out), {}
+        self.best = max((self._score(row) for row in _eval_rows(self.out / "metrics.jsonl")), default=-math.inf)
+
+    def _score(self, metrics: dict) -> float:
+        score = self.task.best(metrics) if metrics else None
+        return -math.inf if score is None else score
+
+    def __call__(self, model, epoch):
+        if not self.task.eval_every_epoch and 0 <= epoch < self.task.cfg.max_epoch - 1:
             return {}
-        if not evaluations:  # built once, on first use (an evaluation set may take a while to index)
-            evaluations.update(task.evaluations(model, out))
-        metrics = {f"{split}_{k}" if split else k: v for split, fn in evaluations.items() for k, v in fn(model).items()}
-        score = task.best(metrics) if metrics and epoch >= 0 else None
-        if score is not None and score > best_seen[0]:
-            best_seen[0] = score
+        if not self.evaluations:  # built once, on first use (an evaluation set may take a while to index)
+            self.evaluations.update(self.task.evaluations(model, self.out))
+        metrics = {f"{split}_{k}" if split else k: v
+                   for split, fn in self.evaluations.items() for k, v in fn(model).items()}
+        score = self._score(metrics) if epoch >= 0 else -math.inf
+        if score > self.best:
+            self.best = score
             if dist.is_main():
-                save_weights(model, out / "model_best.safetensors")
+                from ..models.checkpoint import save_weights
+                save_weights(model, self.out / "model_best.safetensors")
         return metrics
 
-    return evaluate
+
+def _eval_rows(log_file: Path) -> list[dict]:
+    if not log_file.exists():
+        return []
+    rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k not in ("time", "event", "epoch")} for r in rows if r["event"] == "eval"]
 
 
 def run(task_cls, argv=None, *, prepare=None) -> dict:
@@ -149,7 +163,7 @@ def run(task_cls, argv=None, *, prepare=None) -> dict:
     task = task_cls(cfg)
     model = task.build_model().to(device)  # the checkpoint read before anything is written
     open_output(out, cfg, args, fresh_output=True)
-    evaluate = evaluator(task, out)
+    evaluate = Evaluator(task, out)
     if args.evaluate:
         metrics = evaluate(model, -1)
     else:
