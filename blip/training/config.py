@@ -97,6 +97,8 @@ class Config:
     batch_size: int = 32                # per GPU, when the task has one batch size
     batch_size_train: int | None = None  # per GPU; None: batch_size
     batch_size_test: int | None = None
+    batch_size_streams: dict | None = None  # per GPU, per stream of a task that reads several (X-FM: {text: 64});
+    #                                     a stream not named: batch_size_train
     loss_weights: dict | None = None    # e.g. {loss_lm: 0.1}; None: every loss weighs 1, as the original
     grad_accum_steps: int = 1
     grad_clip: float | None = None      # max grad norm; None: no clipping (as the original)
@@ -133,6 +135,10 @@ class Config:
     def __post_init__(self):
         from ..data.negatives import HardNegatives
         HardNegatives.from_config(self.hard_negatives)  # a misspelled option is refused here, with its name
+        bad = {k: v for k, v in (self.batch_size_streams or {}).items()
+               if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"config key 'batch_size_streams': batch sizes are positive integers, got {bad}")
         unknown = sorted(set(self.init or {}) - {"vision", "text"})
         if unknown:
             raise ValueError(f"config key 'init': unknown key(s) {unknown}; known: ['vision', 'text']")
