@@ -63,6 +63,8 @@ class Config:
     dataset: str = ""                   # retrieval: 'coco' | 'flickr'; caption: 'coco' (or a name in ann_files)
     ann_files: dict | None = None       # more datasets in a known format: {name: 'name_{}.json'} ('{}' = the split)
     train_file: list[str] = field(default_factory=list)   # pretraining JSON files
+    text_file: list[str] = field(default_factory=list)    # X-FM's text stream: JSON lists of {caption}, or .txt files
+    image_file: list[str] = field(default_factory=list)   # X-FM's image stream: JSON lists of {image}
     laion_path: str = ""
     train_num_samples: int | None = None  # shards: samples per epoch (None: counted once), as open_clip's flag
     shard_shuffle_buffer: int = 1000    # shards: samples in the seeded shuffle buffer
@@ -83,6 +85,7 @@ class Config:
     # the top level of a YAML file as the original's. Only those the file or --set gives are kept here: they
     # override a checkpoint's stored description key by key; the rest come from it (or ModelConfig's defaults).
     model: dict = field(default_factory=dict)
+    xfm: dict | None = None             # X-FM's sizes: XFMConfig keys over the `preset` (blip.models.xfm)
     pretrained: str = ""                # checkpoint path to initialise from ('' = none)
     init: dict | None = None            # unimodal start (blip.models.pretrained): {vision: FILE|DIR, text: BERT DIR}
     # --- optimisation ----------------------------------------------------------------------------
