@@ -154,7 +154,6 @@ class ClassBatch(Batch):
         return cls(images, ids, mask, torch.as_tensor(targets, device="cpu"), images1)
 
 
-
 @dataclass
 class MaskedTextBatch(Batch):
     """Text for masked language modelling (X-FM's text stream): ids ([CLS] first) and their masked copy."""
@@ -180,6 +179,7 @@ class MaskedPairBatch(Batch):
     mlm_ids: torch.Tensor
     mlm_labels: torch.Tensor
     patch_mask: torch.Tensor
+
 
 # -- collates: samples -> a typed batch, in the DataLoader's workers ------------------------------------------------
 class PairCollate:

@@ -218,7 +218,6 @@ class EpochData:
                 raise RuntimeError("the training shards yield no complete batch on this rank")
 
 
-
 def stream_seed(seed: int, name: str) -> int:
     """A second stream's seed: its own orders and augmentations, the same whichever other streams a run has."""
     return seed + 1009 * (zlib.crc32(name.encode()) % 100_003)
