@@ -228,7 +228,8 @@ class Streams:
     each, handed on as {name: batch}. The first stream is the primary: its micro-batches make the epoch. Every other
     stream keeps its own seed (stream_seed), order and batch size (`batch_sizes` {name: per-rank batch}; default the
     config's) and cycles through its own epochs: at the primary's global micro-batch g it is in its epoch g // n at
-    micro-batch g % n (n: its micro-batches per epoch), so a resume needs no state beyond the primary's progress."""
+    micro-batch g % n (n: its micro-batches per epoch), so a resume needs no state beyond the primary's progress.
+    NegCLIP's `neighbours` pair the primary's rows."""
 
     def __init__(self, datasets: dict, cfg, collates: dict | None, device, neighbours=None, *, batch_sizes=None):
         if collates is not None and not isinstance(collates, dict):

@@ -109,7 +109,8 @@ def setup(task, model, dataset, out_dir, resume=None, device=None) -> Run:
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     resume_dir = None if not resume else (out_dir if resume == "latest" else Path(resume).parent)
-    neighbours = task.image_neighbours(model, dataset, out_dir, resume_dir)  # before the resumed weights load
+    primary = next(iter(dataset.values())) if isinstance(dataset, dict) else dataset
+    neighbours = task.image_neighbours(model, primary, out_dir, resume_dir)  # before the resumed weights load
     if isinstance(dataset, dict):  # several streams, one micro-batch of each per micro-step
         data = Streams(dataset, cfg, task.collate(model), device, neighbours, batch_sizes=task.stream_batch_sizes())
     elif task.stream_batch_sizes():
