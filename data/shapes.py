@@ -34,7 +34,7 @@ NUMBER = {1: "one", 2: "two", 3: "three"}
 ATTRS = {"kind": KINDS, "color": tuple(COLORS), "count": (1, 2, 3), "size": tuple(SIZES),
          "position": POSITIONS, "background": BACKGROUNDS}
 # Independent random streams, so changing one part (say the image size) leaves the others alone.
-SCENES, RENDER, PRETRAIN, VQA, NLVR = range(5)
+SCENES, RENDER, PRETRAIN, VQA, NLVR, UNPAIRED = range(6)
 # Bumped whenever the same arguments would write different files: a world on disk from an older version is redone.
 VERSION = 2
 
@@ -271,14 +271,17 @@ def split_ids(n_train, n_val, n_test) -> dict[str, range]:
 
 def generate_shapes_world(out_dir, n_train=1000, n_val=100, n_test=100, image_size=64,
                           noise_fraction=0.3, seed=0, questions_per_image=3, n_shards=2,
-                          statements_per_image=10, nlvr_about=None) -> dict[str, str]:
-    """Render the images and write every task's annotation files under `out_dir`.
+                          statements_per_image=10, nlvr_about=None, *, n_text_only=0,
+                          n_image_only=0) -> dict[str, str]:
+    """Render the images and write every task's annotation files under `out_dir`; with n_text_only / n_image_only,
+    also X-FM's unpaired data: captions of other scenes (text_only.json, [{caption}]) and images of other scenes
+    without captions (image_only.json, [{image}]).
 
     Image paths in the files are relative to `out_dir` (the image root of every dataset). Returns
     {name: absolute path}; `manifest.json` holds the same names relative to `out_dir`.
     """
     os.makedirs(out_dir, exist_ok=True)
-    rngs = [np.random.default_rng([seed, part]) for part in range(5)]
+    rngs = [np.random.default_rng([seed, part]) for part in range(6)]
     splits = split_ids(n_train, n_val, n_test)
     scenes, paths = {}, {}
     for split, ids in splits.items():
@@ -338,6 +341,18 @@ def generate_shapes_world(out_dir, n_train=1000, n_val=100, n_test=100, image_si
         n = statements_per_image * len(ids)
         write(f"nlvr_{name}", nlvr_examples(ids, scenes, paths, n, rng, nlvr_about) if len(ids) > 1 else [])
 
+    # X-FM's unpaired data: scenes of their own (their own random stream: the files above stay as they were)
+    rng = rngs[UNPAIRED]
+    if n_text_only:
+        write("text_only", [{"caption": _pick(rng, captions(sample_scene(rng)))} for _ in range(n_text_only)])
+    if n_image_only:
+        os.makedirs(os.path.join(out_dir, "images", "unpaired"), exist_ok=True)
+        first = splits["test"].stop  # image ids number on after the test split's
+        unpaired = [f"images/unpaired/shapes_{i:06d}.png" for i in range(first, first + n_image_only)]
+        for path in unpaired:
+            render(sample_scene(rng), image_size, rng).save(os.path.join(out_dir, path), optimize=False)
+        write("image_only", [{"image": path} for path in unpaired])
+
     _dump(files, os.path.join(out_dir, "manifest.json"))
     out = {name: os.path.join(os.path.abspath(out_dir), f) for name, f in files.items()}
     out["root"] = os.path.abspath(out_dir)
@@ -369,11 +384,14 @@ def main(argv=None):
     p.add_argument("--statements-per-image", type=int, default=10, help="NLVR2 statements per image")
     p.add_argument("--nlvr-about", nargs="*", default=None, metavar="ATTRIBUTE",
                    help="NLVR2 statements only about these attributes (background color size count; default: all)")
+    p.add_argument("--n-text-only", type=int, default=0, help="X-FM: captions of other scenes (text_only.json)")
+    p.add_argument("--n-image-only", type=int, default=0, help="X-FM: uncaptioned images (image_only.json)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     files = generate_shapes_world(a.out, a.n_train, a.n_val, a.n_test, a.image_size, a.noise_fraction,
                                   a.seed, a.questions_per_image, a.shards,
-                                  a.statements_per_image, a.nlvr_about)
+                                  a.statements_per_image, a.nlvr_about, n_text_only=a.n_text_only,
+                                  n_image_only=a.n_image_only)
     for name, path in sorted(files.items()):
         print(f"{name:16s} {path}")
 

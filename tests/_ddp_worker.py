@@ -2,7 +2,7 @@
 torch.compile) and saves its final weights;
 `negatives OUT 0` trains with ITM negatives drawn over both ranks; `ranklog OUT 2` logs a loss that differs per
 rank and micro-step; `neighbours OUT BATCH DATA` fine-tunes retrieval with nearest-neighbour images on the files
-of DATA (tests/test_neighbours.py)."""
+of DATA (tests/test_neighbours.py); `streams OUT BATCH` trains the toy three-stream task (tests/test_streams.py)."""
 import sys
 
 import torch
@@ -11,7 +11,7 @@ sys.path.insert(0, __import__("os").path.dirname(__file__) + "/..")
 from blip import distributed as dist  # noqa: E402
 from blip.training.engine import fit  # noqa: E402
 from blip.tasks import NLVRTask, PretrainTask, RetrievalTask  # noqa: E402
-from tests._tiny import PairData, tiny_config, tiny_model  # noqa: E402
+from tests._tiny import PairData, StreamsTask, tiny_config, tiny_model  # noqa: E402
 
 
 def nlvr(out_dir, batch, device, compile=""):
@@ -56,8 +56,19 @@ def ranklog(out_dir, accum, device):
     fit(RankLoss(cfg), tiny_model(NLVRTask, cfg), PairData(16, "nlvr"), out_dir, device=device)
 
 
+def streams(out_dir, batch, device):
+    """Three streams of different lengths and batch sizes (per rank: `batch` pairs and texts, 1.5 x images)."""
+    cfg = tiny_config(f"batch_size_streams={{text: {batch}, images: {3 * batch // 2}}}", batch_size=batch,
+                      max_epoch=2, init_lr=1e-2, warmup_steps=0, num_workers=0, seed=3)
+    task = StreamsTask(cfg, {"pairs": 16, "text": 8, "images": 48})
+    model = task.build_model()
+    fit(task, model, task.train_data(model), out_dir, device=device)
+    if dist.is_main():
+        torch.save(model.state_dict(), f"{out_dir}/final.pt")
+
+
 if __name__ == "__main__":
     _, _, _, dev = dist.init_distributed("cpu")
-    modes = {"nlvr": nlvr, "negatives": negatives, "ranklog": ranklog, "neighbours": neighbours}
+    modes = {"nlvr": nlvr, "negatives": negatives, "ranklog": ranklog, "neighbours": neighbours, "streams": streams}
     modes[sys.argv[1]](sys.argv[2], int(sys.argv[3]), dev, *sys.argv[4:])
     dist.cleanup()

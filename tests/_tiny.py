@@ -1,7 +1,10 @@
 """Tiny deterministic models, data and configs shared by the engine tests and their torchrun worker."""
+from dataclasses import asdict, dataclass
+
 import torch
 from torch.utils.data import Dataset
 
+from blip.tasks.base import Task
 from blip.training.config import load_config
 
 WORDS = ["red circle", "blue square", "green triangle", "two yellow crosses", "a big star", "left", "right"]
@@ -51,3 +54,74 @@ def scrambled_model(task, seed=0, scale=0.3, **options):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)
     return model.eval()
+
+
+# -- several streams (tests/test_streams.py) ------------------------------------------------------------------------
+class Rows(Dataset):
+    """n rows (index, features), a pure function of (offset, index): what a stream drew is read back from its batch."""
+
+    def __init__(self, n, offset=0, dim=8):
+        self.n, self.offset, self.dim = n, offset, dim
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i, torch.randn(self.dim, generator=torch.Generator().manual_seed(self.offset * 100_003 + i))
+
+
+@dataclass
+class StreamsModelConfig:
+    streams: list
+    dim: int = 8
+    dropout: float = 0.0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class StreamsModel(torch.nn.Module):
+    """A shared layer and a head per stream; loss_<stream>: the mean square of its head's output less 1 (a mean over
+    samples: DDP's mean over ranks is then the global batch's)."""
+    task = "streams"
+
+    def __init__(self, cfg: StreamsModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.shared = torch.nn.Linear(cfg.dim, cfg.dim)
+        self.drop = torch.nn.Dropout(cfg.dropout)
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(cfg.dim, 1) for name in cfg.streams})
+
+    def forward(self, **batches):
+        return {f"loss_{name}": (self.heads[name](self.drop(torch.tanh(self.shared(x)))) - 1).pow(2).mean()
+                for name, (_, x) in batches.items()}
+
+
+class StreamsTask(Task):
+    """A toy task over several Rows streams ({name: length}, the first the primary)."""
+    names = ("streams",)
+
+    def __init__(self, cfg, lengths, dropout=0.0):
+        super().__init__(cfg)
+        self.lengths, self.dropout = dict(lengths), dropout
+
+    def build_model(self):
+        torch.manual_seed(0)
+        return StreamsModel(StreamsModelConfig(list(self.lengths), dropout=self.dropout))
+
+    def train_data(self, model):
+        return {name: Rows(n, offset=k) for k, (name, n) in enumerate(self.lengths.items())}
+
+    def losses(self, forward, batch, progress):
+        return forward(**batch)
+
+
+class OneDatasetTask(StreamsTask):
+    """The same toy with its one stream given as a plain dataset (the engine's single-dataset path)."""
+
+    def train_data(self, model):
+        (stream,) = super().train_data(model).values()
+        return stream
+
+    def losses(self, forward, batch, progress):
+        return forward(**{next(iter(self.lengths)): batch})

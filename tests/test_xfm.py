@@ -272,3 +272,23 @@ def test_config_presets():
         XFMConfig.from_preset("tiny", text_widht=8)
     with pytest.raises(ValueError, match="unknown X-FM preset"):
         XFMConfig.from_preset("huge")
+
+
+def test_forward_takes_the_streams_it_is_given_and_load_model_reads_the_saved_weights(tmp_path):
+    import blip
+    from blip.data.batches import MaskedImageBatch, MaskedPairBatch, MaskedTextBatch
+    model, b = tiny().eval(), tiny_batch()
+    pairs = MaskedPairBatch(b["images"], b["ids"], b["mask"], b["mlm_ids"], b["mlm_labels"], b["patch_mask"])
+    text = MaskedTextBatch(b["ids"], b["mask"], b["mlm_ids"], b["mlm_labels"])
+    images = MaskedImageBatch(b["images"], b["patch_mask"])
+    with torch.no_grad():
+        assert set(model(pairs=pairs, text=text, images=images)) == {"loss_itc", "loss_itm", "loss_mlm", "loss_mim",
+                                                                     "loss_text_mlm", "loss_image_mim"}
+        assert model(text=text) == {"loss_text_mlm": model.loss_text_mlm(b["mlm_ids"], b["mask"], b["mlm_labels"])}
+        assert model(images=images) == {"loss_image_mim": model.loss_mim(b["images"], b["patch_mask"])}
+        blip.save_weights(model, tmp_path / "xfm.safetensors")  # the task and XFMConfig ride in the metadata
+        loaded = blip.load_model(None, tmp_path / "xfm.safetensors")
+        assert type(loaded) is XFM and loaded.cfg == model.cfg
+        assert loaded.mlm_head.decoder.weight is loaded.text_encoder.embeddings.word_embeddings.weight
+        assert torch.equal(loaded(images=images)["loss_image_mim"], model(images=images)["loss_image_mim"])
+    assert blip.load_model("xfm", preset="tiny", text_layers=1).cfg.text_layers == 1

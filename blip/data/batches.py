@@ -154,6 +154,33 @@ class ClassBatch(Batch):
         return cls(images, ids, mask, torch.as_tensor(targets, device="cpu"), images1)
 
 
+@dataclass
+class MaskedTextBatch(Batch):
+    """Text for masked language modelling (X-FM's text stream): ids ([CLS] first) and their masked copy."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    mlm_ids: torch.Tensor      # whole words replaced ([MASK] 80%, a random token 10%, kept 10%)
+    mlm_labels: torch.Tensor   # the original ids where taken, -100 elsewhere
+
+
+@dataclass
+class MaskedImageBatch(Batch):
+    """Images for masked image modelling (X-FM's image stream)."""
+    images: torch.Tensor
+    patch_mask: torch.Tensor   # [B, N] True = a masked patch
+
+
+@dataclass
+class MaskedPairBatch(Batch):
+    """Image-text pairs with both masks (X-FM's pair stream: ITC, ITM, image-conditioned MLM, MIM)."""
+    images: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    mlm_ids: torch.Tensor
+    mlm_labels: torch.Tensor
+    patch_mask: torch.Tensor
+
+
 # -- collates: samples -> a typed batch, in the DataLoader's workers ------------------------------------------------
 class PairCollate:
     """(image, caption[, image index]) samples -> PairBatch. With a NegativeSampler, each caption's hard captions are

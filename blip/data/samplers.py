@@ -1,10 +1,12 @@
 """What a training epoch reads: a resumable sample order (plain, or NegCLIP's neighbour pairs) over ranks, each
 sample augmented in a private RNG stream seeded by (seed, epoch, index), skipped images carried to the trainer, and
-the micro-batches of one epoch (EpochData) from a map-style dataset or a stream of shards."""
+the micro-batches of one epoch (EpochData) from a map-style dataset or a stream of shards, and several datasets
+read together, one micro-batch of each per micro-step (Streams: X-FM's text, image and pair streams)."""
 from __future__ import annotations
 
 import itertools
 import random
+import zlib
 from contextlib import contextmanager
 
 import numpy as np
@@ -167,22 +169,24 @@ class EpochData:
     """Micro-batches of one epoch from a map-style dataset (ResumableSampler) or a stream (each rank reads its
     own shards; a rank whose shards run short starts them again, so every rank takes the same steps)."""
 
-    def __init__(self, dataset, cfg, collate_fn, device, neighbours=None):
+    def __init__(self, dataset, cfg, collate_fn, device, neighbours=None, *, batch_size=None, seed=None):
+        """batch_size (per rank) and seed: the config's train_batch_size and seed unless given (a second stream's)."""
         self.cfg, self.device, self.collate = cfg, device, _Collate(collate_fn)
-        world, rank, b = dist.get_world_size(), dist.get_rank(), cfg.train_batch_size
+        world, rank, b = dist.get_world_size(), dist.get_rank(), batch_size or cfg.train_batch_size
+        self.seed = cfg.seed if seed is None else seed
         self.streaming = isinstance(dataset, IterableDataset)
         self.rank_batch = b
         if self.streaming:
-            self.data, self.sampler = SeededShards(dataset, cfg.seed), None
+            self.data, self.sampler = SeededShards(dataset, self.seed), None
             self.micro_per_epoch = len(dataset) // (b * world)
             if self.micro_per_epoch == 0:
                 raise ValueError(f"the shards hold {len(dataset)} samples: fewer than one global batch ({b} x {world})")
         else:
-            self.data = SeededSamples(dataset, cfg.seed)
+            self.data = SeededSamples(dataset, self.seed)
             if neighbours is None:
-                self.sampler = ResumableSampler(len(dataset), b, world, rank, shuffle=True, seed=cfg.seed)
+                self.sampler = ResumableSampler(len(dataset), b, world, rank, shuffle=True, seed=self.seed)
             else:
-                self.sampler = NeighbourSampler(len(dataset), b, neighbours, world, rank, seed=cfg.seed)
+                self.sampler = NeighbourSampler(len(dataset), b, neighbours, world, rank, seed=self.seed)
             self.micro_per_epoch, self.rank_batch = self.sampler.num_batches, self.sampler.rank_batch
         self.source = dataset
 
@@ -197,7 +201,7 @@ class EpochData:
         loader = DataLoader(self.data, batch_size=self.rank_batch, sampler=self.sampler,
                             num_workers=self.cfg.num_workers, collate_fn=self.collate, drop_last=True,
                             pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(self.cfg.seed))  # not the model's stream
+                            generator=torch.Generator().manual_seed(self.seed))  # not the model's stream
         if not self.streaming:
             for batch, skipped in loader:
                 yield _to_device(batch, self.device), skipped
@@ -212,6 +216,69 @@ class EpochData:
                 k += 1
             if empty:
                 raise RuntimeError("the training shards yield no complete batch on this rank")
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """A second stream's seed: its own orders and augmentations, the same whichever other streams a run has."""
+    return seed + 1009 * (zlib.crc32(name.encode()) % 100_003)
+
+
+class Streams:
+    """Several datasets read together ({name: dataset}, insertion order): every micro-step takes one micro-batch of
+    each, handed on as {name: batch}. The first stream is the primary: its micro-batches make the epoch. Every other
+    stream keeps its own seed (stream_seed), order and batch size (`batch_sizes` {name: per-rank batch}; default the
+    config's) and cycles through its own epochs: at the primary's global micro-batch g it is in its epoch g // n at
+    micro-batch g % n (n: its micro-batches per epoch), so a resume needs no state beyond the primary's progress.
+    NegCLIP's `neighbours` pair the primary's rows."""
+
+    def __init__(self, datasets: dict, cfg, collates: dict | None, device, neighbours=None, *, batch_sizes=None):
+        if collates is not None and not isinstance(collates, dict):
+            raise TypeError(f"a task whose train_data gives streams {list(datasets)} gives its collates as "
+                            f"{{stream: collate}}, not a {type(collates).__name__}")
+        self.names, collates, batch_sizes = list(datasets), collates or {}, batch_sizes or {}
+        unknown = sorted(set(collates) - set(self.names)) + sorted(set(batch_sizes) - set(self.names))
+        if unknown:
+            raise ValueError(f"stream(s) {unknown} named in a collate or batch size, but the training data has "
+                             f"streams {self.names}")
+        self.streams = {}
+        for k, (name, data) in enumerate(datasets.items()):
+            try:
+                self.streams[name] = EpochData(data, cfg, collates.get(name), device, neighbours if k == 0 else None,
+                                               batch_size=batch_sizes.get(name),
+                                               seed=cfg.seed if k == 0 else stream_seed(cfg.seed, name))
+            except ValueError as e:  # too small for one global batch
+                raise ValueError(f"training stream {name!r}: {e}") from None
+        self.primary = self.streams[self.names[0]]
+        self.micro_per_epoch = self.primary.micro_per_epoch
+
+    def position(self, name: str, g: int) -> tuple[int, int]:
+        """(epoch, micro-batch) of stream `name` at the primary's global micro-batch g."""
+        return divmod(g, self.streams[name].micro_per_epoch)
+
+    def _cycle(self, name, g):
+        data = self.streams[name]
+        epoch, start = self.position(name, g)
+        while True:
+            batches = data.batches(epoch, start)
+            yield from itertools.islice(batches, data.micro_per_epoch - start)  # a stream of shards never ends
+            batches.close()  # its loader's workers stop now
+            epoch, start = epoch + 1, 0
+
+    def batches(self, epoch, start):
+        """The primary's micro-batches of `epoch` from `start` on, each with every other stream's at that point:
+        ({name: batch on the device}, skipped image names of all)."""
+        g = epoch * self.micro_per_epoch + start
+        others = {name: self._cycle(name, g) for name in self.names[1:]}
+        try:
+            for batch, skipped in self.primary.batches(epoch, start):
+                out, skipped = {self.names[0]: batch}, list(skipped)
+                for name, stream in others.items():
+                    out[name], more = next(stream)
+                    skipped += more
+                yield out, skipped
+        finally:
+            for stream in others.values():
+                stream.close()
 
 
 def _to_device(batch, device):

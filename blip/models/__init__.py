@@ -5,6 +5,7 @@ from .nlvr import BlipNLVR
 from .retrieval import BlipITM, BlipPretrain, BlipRetrieval
 from .ve import BlipVE
 from .vqa import BlipVQA
+from .xfm import XFM
 
 TASKS = {"pretrain": BlipPretrain, "retrieval": BlipRetrieval, "itm": BlipITM, "caption": BlipCaption,
-         "vqa": BlipVQA, "nlvr": BlipNLVR, "ve": BlipVE}
+         "vqa": BlipVQA, "nlvr": BlipNLVR, "ve": BlipVE, "xfm": XFM}

@@ -32,7 +32,8 @@ def load_model(task: str | None = None, checkpoint=None, strict: bool | None = N
     if stored_task not in (None, task) and not getattr(TASKS.get(stored_task), "starts_every_task", False):
         logging.getLogger(__name__).warning("%s was saved as a %r model; loading it as %r", checkpoint,
                                             stored_task, task)
-    model = TASKS[task](ModelConfig.from_overrides(stored_description(checkpoint, task), **overrides))
+    description = getattr(TASKS[task], "config_class", ModelConfig)  # X-FM's sizes are its own (XFMConfig)
+    model = TASKS[task](description.from_overrides(stored_description(checkpoint, task), **overrides))
     if checkpoint is not None:
         load_into(model, checkpoint, strict=strict)
     elif hasattr(model, "copy_params"):

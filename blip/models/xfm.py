@@ -51,13 +51,19 @@ class XFMConfig:
 
     @classmethod
     def from_preset(cls, name: str = "base", **overrides) -> XFMConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown X-FM preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls.from_overrides(preset=name, **overrides)
+
+    @classmethod
+    def from_overrides(cls, stored: dict | None = None, *, preset: str | None = None, **options) -> XFMConfig:
+        """As ModelConfig's (blip.load_model calls it): the defaults, then the `preset`, then a checkpoint's `stored`
+        description, then the user's own keys."""
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown X-FM preset {preset!r}; choose from {sorted(PRESETS)}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
+        unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown X-FM option(s) {unknown}; known: {sorted(known)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**PRESETS.get(preset, {}), **(stored or {}), **options})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,6 +220,11 @@ def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> to
 # -- the model ------------------------------------------------------------------------------------------------------
 
 class XFM(nn.Module):
+    task = "xfm"                # blip.load_model's name; saved with the weights (blip.models.checkpoint)
+    config_class = XFMConfig    # what load_model builds its description with (BLIP's models: ModelConfig)
+    fresh_keys: tuple[str, ...] = ()
+    text_max_length = 35        # tokens of a training text, as BLIP's pretraining
+
     def __init__(self, cfg: XFMConfig):
         super().__init__()
         self.cfg = cfg
@@ -261,10 +272,16 @@ class XFM(nn.Module):
             x, _ = layer(x, self_mask, image_embeds)
         return x
 
+    def image_feat(self, image_embeds):
+        """The normalised projected [CLS] feature of each image, ITC's."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_feat(self, text_hidden):
+        return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
+
     def features(self, image_embeds, text_hidden):
-        """Normalised projected [CLS] features (image, text), ITC's."""
-        return (F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1),
-                F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1))
+        """ITC's features (image, text)."""
+        return self.image_feat(image_embeds), self.text_feat(text_hidden)
 
     # -- objectives, one scalar each ------------------------------------------------------------------------------
     def _mlm(self, hidden, labels, head):
@@ -318,3 +335,18 @@ class XFM(nn.Module):
                 "loss_itm": self.loss_itm(image_embeds, text_hidden, mask, generator=generator),
                 "loss_mlm": self.loss_fused_mlm(mlm_ids, mask, mlm_labels, image_embeds),
                 "loss_mim": self.loss_mim(images, patch_mask, target=image_embeds)}
+
+    def forward(self, pairs=None, text=None, images=None, *, generator=None) -> dict:
+        """The losses of one micro-step over the streams it has (blip.data.batches): `pairs` (MaskedPairBatch) ->
+        loss_itc, loss_itm, loss_mlm, loss_mim; `text` (MaskedTextBatch) -> loss_text_mlm; `images`
+        (MaskedImageBatch) -> loss_image_mim."""
+        losses = {}
+        if pairs is not None:
+            losses.update(self.pair_losses(pairs.images, pairs.ids, pairs.mask, mlm_ids=pairs.mlm_ids,
+                                           mlm_labels=pairs.mlm_labels, patch_mask=pairs.patch_mask,
+                                           generator=generator))
+        if text is not None:
+            losses["loss_text_mlm"] = self.loss_text_mlm(text.mlm_ids, text.mask, text.mlm_labels)
+        if images is not None:
+            losses["loss_image_mim"] = self.loss_mim(images.images, images.patch_mask)
+        return losses

@@ -26,6 +26,7 @@ class Task:
     ann_files: dict[str, str] = {}  # dataset name -> annotation file pattern under ann_root ('{}' = the split)
     required_keys: tuple[str, ...] = ()  # config keys the task cannot run without (named when empty)
     takes_hard_negatives = False  # the losses take NegCLIP's negatives (config `hard_negatives`, blip.data.negatives)
+    find_unused_parameters = False  # some parameters get no gradient in a step: DDP must look for them (a cost)
 
     def __init__(self, cfg):
         if cfg.task and cfg.task not in self.names:
@@ -78,12 +79,20 @@ class Task:
         return os.path.join(self.cfg.ann_root if root is None else root, pattern.format(split))
 
     def train_data(self, model):
+        """The training set, or several read together ({stream: dataset}: each micro-step then hands `losses`
+        {stream: batch}; the first stream's length makes the epoch; see blip.data.samplers.Streams)."""
         raise NotImplementedError
 
     def collate(self, model):
         """The DataLoader's collate: samples -> the batch `losses` takes, made in the data workers (the library's
-        tasks: a typed batch of tensors, blip.data.batches; `static` when compiled: every text padded to its maximum)."""
+        tasks: a typed batch of tensors, blip.data.batches; `static` when compiled: every text padded to its maximum).
+        Several streams: {stream: collate}."""
         return self.collate_fn
+
+    def stream_batch_sizes(self) -> dict | None:
+        """Per-rank batch sizes of the streams of a task with several ({stream: batch}; a stream not named: the
+        config's batch_size_train): the config's `batch_size_streams`."""
+        return self.cfg.batch_size_streams
 
     @property
     def static(self) -> bool:

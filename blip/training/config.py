@@ -63,6 +63,8 @@ class Config:
     dataset: str = ""                   # retrieval: 'coco' | 'flickr'; caption: 'coco' (or a name in ann_files)
     ann_files: dict | None = None       # more datasets in a known format: {name: 'name_{}.json'} ('{}' = the split)
     train_file: list[str] = field(default_factory=list)   # pretraining JSON files
+    text_file: list[str] = field(default_factory=list)    # X-FM's text stream: JSON lists of {caption}, or .txt files
+    image_file: list[str] = field(default_factory=list)   # X-FM's image stream: JSON lists of {image}
     laion_path: str = ""
     train_num_samples: int | None = None  # shards: samples per epoch (None: counted once), as open_clip's flag
     shard_shuffle_buffer: int = 1000    # shards: samples in the seeded shuffle buffer
@@ -83,6 +85,7 @@ class Config:
     # the top level of a YAML file as the original's. Only those the file or --set gives are kept here: they
     # override a checkpoint's stored description key by key; the rest come from it (or ModelConfig's defaults).
     model: dict = field(default_factory=dict)
+    xfm: dict | None = None             # X-FM's sizes: XFMConfig keys over the `preset` (blip.models.xfm)
     pretrained: str = ""                # checkpoint path to initialise from ('' = none)
     init: dict | None = None            # unimodal start (blip.models.pretrained): {vision: FILE|DIR, text: BERT DIR}
     # --- optimisation ----------------------------------------------------------------------------
@@ -97,6 +100,8 @@ class Config:
     batch_size: int = 32                # per GPU, when the task has one batch size
     batch_size_train: int | None = None  # per GPU; None: batch_size
     batch_size_test: int | None = None
+    batch_size_streams: dict | None = None  # per GPU, per stream of a task that reads several (X-FM: {text: 64});
+    #                                     a stream not named: batch_size_train
     loss_weights: dict | None = None    # e.g. {loss_lm: 0.1}; None: every loss weighs 1, as the original
     grad_accum_steps: int = 1
     grad_clip: float | None = None      # max grad norm; None: no clipping (as the original)
@@ -133,6 +138,10 @@ class Config:
     def __post_init__(self):
         from ..data.negatives import HardNegatives
         HardNegatives.from_config(self.hard_negatives)  # a misspelled option is refused here, with its name
+        bad = {k: v for k, v in (self.batch_size_streams or {}).items()
+               if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"config key 'batch_size_streams': batch sizes are positive integers, got {bad}")
         unknown = sorted(set(self.init or {}) - {"vision", "text"})
         if unknown:
             raise ValueError(f"config key 'init': unknown key(s) {unknown}; known: ['vision', 'text']")

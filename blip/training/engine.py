@@ -1,7 +1,7 @@
 """The one training loop every task uses: optimizer steps, with micro-steps inside (what an epoch reads:
 blip.data.samplers; the state on disk: blip.training.state; AdamW and the schedules: blip.training.optim).
 
-    fit(task, model, dataset, out_dir)
+    fit(task, model, dataset, out_dir)   dataset: one, or {stream: dataset} (a micro-batch of each per micro-step)
       setup         optimizer (fused AdamW, no decay on biases/norms), DDP wrap, GradScaler (fp16 only), resume
       per epoch, per optimizer step (train_step):
         LR from the task's schedule; task.begin_step (the momentum update: once per optimizer step)
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist
-from ..data.samplers import EpochData
+from ..data.samplers import EpochData, Streams
 from ..models.checkpoint import save_weights
 from ..precision import autocast
 from .config import TrainingConfig
@@ -75,7 +75,7 @@ class Run:
     forward: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: object
-    data: EpochData
+    data: EpochData | Streams
     device: torch.device
     out_dir: Path
     progress: dict = field(default_factory=lambda: {"epoch": 0, "step": 0, "global_step": 0, "skipped": []})
@@ -104,12 +104,20 @@ def setup(task, model, dataset, out_dir, resume=None, device=None) -> Run:
     forward = model
     if dist.get_world_size() > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=task.find_unused_parameters)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     resume_dir = None if not resume else (out_dir if resume == "latest" else Path(resume).parent)
-    neighbours = task.image_neighbours(model, dataset, out_dir, resume_dir)  # before the resumed weights load
-    data = EpochData(dataset, cfg, task.collate(model), device, neighbours)
+    primary = next(iter(dataset.values())) if isinstance(dataset, dict) else dataset
+    neighbours = task.image_neighbours(model, primary, out_dir, resume_dir)  # before the resumed weights load
+    if isinstance(dataset, dict):  # several streams, one micro-batch of each per micro-step
+        data = Streams(dataset, cfg, task.collate(model), device, neighbours, batch_sizes=task.stream_batch_sizes())
+    elif task.stream_batch_sizes():
+        raise ValueError(f"config key 'batch_size_streams' names streams {sorted(task.stream_batch_sizes())}, but "
+                         f"{type(task).__name__} trains on one dataset: use batch_size")
+    else:
+        data = EpochData(dataset, cfg, task.collate(model), device, neighbours)
     if cfg.compile:  # the training forward (the losses, momentum encoders included) and its backward
         forward = torch.compile(forward)
     run = Run(task, cfg, model, forward, optimizer, scaler, data, device, Path(out_dir),
@@ -198,9 +206,10 @@ def end_of_epoch(run: Run, epoch: int, evaluate, metrics_log) -> dict:
 
 
 def fit(task, model, dataset, out_dir, *, evaluate=None, resume=None, device=None, max_steps=None) -> dict:
-    """Train `model` on `dataset` for task.cfg.max_epoch epochs. `evaluate(model, epoch) -> dict` runs after each
-    epoch (all ranks). `resume`: a checkpoint path or 'latest'. `max_steps` stops after that many optimizer steps
-    (tests, smoke runs). Returns the last epoch's metrics."""
+    """Train `model` on `dataset` for task.cfg.max_epoch epochs; a dict {stream: dataset} is read as Streams (the
+    first stream's length makes the epoch; the task's losses get {stream: batch}). `evaluate(model, epoch) -> dict`
+    runs after each epoch (all ranks). `resume`: a checkpoint path or 'latest'. `max_steps` stops after that many
+    optimizer steps (tests, smoke runs). Returns the last epoch's metrics."""
     run = setup(task, model, dataset, out_dir, resume, device)
     cfg, metrics_log, metrics = run.cfg, MetricsLog(run.out_dir / "metrics.jsonl"), {}
     if resume and run.progress["epoch"] >= cfg.max_epoch:
