@@ -58,7 +58,7 @@ def main(argv=None):
         sum(losses.values()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return {k: float(v) for k, v in losses.items()}
+        return {k: float(v.detach()) for k, v in losses.items()}
 
     step()  # warm-up: allocations, the first kernels
     times = [timed(step, device)[0] for _ in range(a.steps)]
