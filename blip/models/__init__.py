@@ -9,3 +9,6 @@ from .xfm import XFM
 
 TASKS = {"pretrain": BlipPretrain, "retrieval": BlipRetrieval, "itm": BlipITM, "caption": BlipCaption,
          "vqa": BlipVQA, "nlvr": BlipNLVR, "ve": BlipVE, "xfm": XFM}
+
+__all__ = ["PRESETS", "TASKS", "BlipModel", "ModelConfig", "BlipCaption", "BlipNLVR", "BlipITM", "BlipPretrain",
+           "BlipRetrieval", "BlipVE", "BlipVQA", "XFM"]
