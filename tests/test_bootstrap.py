@@ -36,11 +36,11 @@ def test_capfilt_cleans_the_noisy_set_and_the_cleaned_set_pretrains_better(tmp_p
     right = f["scored"] - (f["caught"] + f["missed"])
     assert f["caught"] + f["missed"] == 300 and right == 700
     # measured (seeds 4, 5, 6): 269 / 251 / 249 of 300 wrong captions dropped (recall 0.90 / 0.84 / 0.83), 592 / 604 /
-    # 620 of 700 right ones kept, AUC 0.954 / 0.940 / 0.945. The operating point (ITM p(match) > 0.5) moves between
-    # runs whose float reductions differ (machine, threads): CI's run of the default seed caught 285 of 300 (0.95) and kept 530 of
-    # 700 right ones (0.76), where this machine's kept 607 (0.87) and caught 261 in one run, 543 (0.78) and 282 in
-    # another (AUC 0.954). So the test asserts the filter's discrimination (AUC, balanced accuracy: 0.85-0.87 in every
-    # passing run) and a floor on each side.
+    # 620 of 700 right ones kept, AUC 0.954 / 0.940 / 0.945. The operating point (ITM p(match) > 0.5) moves between runs
+    # whose float reductions differ (machine, threads): CI's run of the default seed caught 285 of 300 (0.95) and kept
+    # 530 of 700 right ones (0.76), where this machine's kept 607 (0.87) and caught 261 in one run, 543 (0.78) and 282
+    # in another (AUC 0.954). So the test asserts the filter's discrimination (AUC, balanced accuracy: 0.85-0.87 in
+    # every passing run) and a floor on each side.
     kept_right = (right - f["false_alarms"]) / right
     assert f["recall"] > 0.6 and kept_right > 0.65, (f["recall"], kept_right)
     assert (f["recall"] + kept_right) / 2 > 0.75 and f["auc"] > 0.85, (f["recall"], kept_right, f["auc"])
