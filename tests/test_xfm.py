@@ -292,3 +292,27 @@ def test_forward_takes_the_streams_it_is_given_and_load_model_reads_the_saved_we
         assert loaded.mlm_head.decoder.weight is loaded.text_encoder.embeddings.word_embeddings.weight
         assert torch.equal(loaded(images=images)["loss_image_mim"], model(images=images)["loss_image_mim"])
     assert blip.load_model("xfm", preset="tiny", text_layers=1).cfg.text_layers == 1
+
+
+def test_a_step_over_the_collates_batches_reads_nothing_back_and_equals_the_host_found_positions():
+    # the collate lists the MLM positions on the host: the step indexes with them (a boolean index would sync)
+    from blip.tasks.xfm import XFMCollate
+    from tests._device_trap import HostSyncTrap
+    torch.manual_seed(0)
+    model = XFM(XFMConfig.from_preset("tiny")).train()
+    size = model.cfg.image_size
+    images = [torch.randn(3, size, size) for _ in range(3)]
+    caps = ["two red circles on the left", "a small blue square", "three green crosses at the top"]
+    batches = {"pairs": XFMCollate("pairs", model)(list(zip(images, caps)), [0, 1, 2]),
+               "text": XFMCollate("text", model)(caps, [3, 4, 5]), "images": XFMCollate("images", model)(images, [6, 7, 8])}
+    with HostSyncTrap():
+        losses = model(**batches, generator=torch.Generator().manual_seed(1))
+    assert batches["pairs"].mlm_positions is not None and batches["text"].mlm_positions is not None
+    p, t = batches["pairs"], batches["text"]
+    assert torch.equal(losses["loss_text_mlm"], model.loss_text_mlm(t.mlm_ids, t.mask, t.mlm_labels))
+    image_embeds = model.encode_image(p.images)
+    assert torch.equal(model.loss_fused_mlm(p.mlm_ids, p.mask, p.mlm_labels, image_embeds, p.mlm_positions),
+                       model.loss_fused_mlm(p.mlm_ids, p.mask, p.mlm_labels, image_embeds))
+    static = XFMCollate("text", model, static=True)(caps, [3, 4, 5])  # every position listed: the same loss
+    assert torch.allclose(model.loss_text_mlm(static.mlm_ids, static.mask, static.mlm_labels, static.mlm_positions),
+                          model.loss_text_mlm(static.mlm_ids, static.mask, static.mlm_labels), atol=1e-6)

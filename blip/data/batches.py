@@ -161,6 +161,7 @@ class MaskedTextBatch(Batch):
     mask: torch.Tensor
     mlm_ids: torch.Tensor      # whole words replaced ([MASK] 80%, a random token 10%, kept 10%)
     mlm_labels: torch.Tensor   # the original ids where taken, -100 elsewhere
+    mlm_positions: torch.Tensor | None = None  # flat indices of the taken tokens (no host sync in the step)
 
 
 @dataclass
@@ -179,6 +180,7 @@ class MaskedPairBatch(Batch):
     mlm_ids: torch.Tensor
     mlm_labels: torch.Tensor
     patch_mask: torch.Tensor
+    mlm_positions: torch.Tensor | None = None
 
 
 # -- collates: samples -> a typed batch, in the DataLoader's workers ------------------------------------------------

@@ -185,6 +185,12 @@ def block_mask(grid_h: int, grid_w: int, num_masked: int, generator: torch.Gener
 
 # -- losses ---------------------------------------------------------------------------------------------------------
 
+def mlm_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into [B * L] of the tokens MLM predicts (labels != -100): found on the host by a collate, so the
+    step indexes with them and never reads the labels back (a boolean index would)."""
+    return (labels.reshape(-1) != -100).nonzero()[:, 0]
+
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the masked tokens (labels -100 elsewhere), mean over them; no label smoothing (BERT)."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
@@ -284,13 +290,16 @@ class XFM(nn.Module):
         return self.image_feat(image_embeds), self.text_feat(text_hidden)
 
     # -- objectives, one scalar each ------------------------------------------------------------------------------
-    def _mlm(self, hidden, labels, head):
-        picked = labels != -100  # the vocabulary projection only where a token is predicted (a host sync on a GPU)
-        return mlm_loss(head(hidden[picked]), labels[picked])
+    def _mlm(self, hidden, labels, head, positions=None):
+        """The vocabulary projection only where a token is predicted: at `positions` (mlm_positions, from the
+        collate), else found here (a host sync on a GPU)."""
+        if positions is None:
+            positions = mlm_positions(labels)
+        return mlm_loss(head(hidden.reshape(-1, hidden.shape[-1])[positions]), labels.reshape(-1)[positions])
 
-    def loss_text_mlm(self, masked_ids, mask, labels):
+    def loss_text_mlm(self, masked_ids, mask, labels, positions=None):
         """Text-only MLM on the language encoder."""
-        return self._mlm(self.encode_text(masked_ids, mask), labels, self.mlm_head)
+        return self._mlm(self.encode_text(masked_ids, mask), labels, self.mlm_head, positions)
 
     def loss_itc(self, image_embeds, text_hidden):
         """ITC; the temperature parameter is clamped to [0.001, 0.5] in place first (the original, each step)."""
@@ -313,10 +322,10 @@ class XFM(nn.Module):
                                                  neg_ids=hidden, neg_mask=mask)
         return itm_loss(self.itm_head(self.fuse(hidden, mask, images)[:, 0]), labels)
 
-    def loss_fused_mlm(self, masked_ids, mask, labels, image_embeds):
+    def loss_fused_mlm(self, masked_ids, mask, labels, image_embeds, positions=None):
         """Image-conditioned MLM on the fusion encoder, over the language encoder's detached states."""
         hidden = self.encode_text(masked_ids, mask).detach()
-        return self._mlm(self.fuse(hidden, mask, image_embeds), labels, self.fusion_mlm_head)
+        return self._mlm(self.fuse(hidden, mask, image_embeds), labels, self.fusion_mlm_head, positions)
 
     def loss_mim(self, images, patch_mask, *, target=None):
         """MIM: the encoder on the masked image regresses its own detached output on the whole image (`target`, or
@@ -326,14 +335,15 @@ class XFM(nn.Module):
                 target = self.encode_image(images)
         return mim_loss(self.encode_image(images, patch_mask), target, patch_mask)
 
-    def pair_losses(self, images, ids, mask, *, mlm_ids, mlm_labels, patch_mask, generator=None) -> dict:
+    def pair_losses(self, images, ids, mask, *, mlm_ids, mlm_labels, patch_mask, generator=None,
+                    mlm_positions=None) -> dict:
         """Every pair objective from one pass of each encoder: loss_itc, loss_itm, loss_mlm (image-conditioned),
         loss_mim (the unmasked pass's tokens, detached, are the target)."""
         image_embeds = self.encode_image(images)
         text_hidden = self.encode_text(ids, mask)
         return {"loss_itc": self.loss_itc(image_embeds, text_hidden),
                 "loss_itm": self.loss_itm(image_embeds, text_hidden, mask, generator=generator),
-                "loss_mlm": self.loss_fused_mlm(mlm_ids, mask, mlm_labels, image_embeds),
+                "loss_mlm": self.loss_fused_mlm(mlm_ids, mask, mlm_labels, image_embeds, mlm_positions),
                 "loss_mim": self.loss_mim(images, patch_mask, target=image_embeds)}
 
     def forward(self, pairs=None, text=None, images=None, *, generator=None) -> dict:
@@ -344,9 +354,9 @@ class XFM(nn.Module):
         if pairs is not None:
             losses.update(self.pair_losses(pairs.images, pairs.ids, pairs.mask, mlm_ids=pairs.mlm_ids,
                                            mlm_labels=pairs.mlm_labels, patch_mask=pairs.patch_mask,
-                                           generator=generator))
+                                           generator=generator, mlm_positions=pairs.mlm_positions))
         if text is not None:
-            losses["loss_text_mlm"] = self.loss_text_mlm(text.mlm_ids, text.mask, text.mlm_labels)
+            losses["loss_text_mlm"] = self.loss_text_mlm(text.mlm_ids, text.mask, text.mlm_labels, text.mlm_positions)
         if images is not None:
             losses["loss_image_mim"] = self.loss_mim(images.images, images.patch_mask)
         return losses

@@ -16,7 +16,7 @@ from ..data.tokenizer import pre_caption
 from ..evaluation.loops import eval_mode, feature_spread
 from ..evaluation.metrics import retrieval_recall
 from ..models.factory import load_model
-from ..models.xfm import block_mask, mlm_mask, wordpiece_word_ids
+from ..models.xfm import block_mask, mlm_mask, mlm_positions, wordpiece_word_ids
 from .base import Task
 from .pretrain import PretrainDataset
 from .retrieval import RetrievalEvalDataset
@@ -82,7 +82,9 @@ class XFMCollate:
         ids, mask = texts(strings, self.max_length, static=self.static)
         mlm_ids, labels = mlm_mask(ids, wordpiece_word_ids(ids), prob=self.mlm_prob, vocab_size=self.cfg.vocab_size,
                                    generator=generator)
-        return ids, mask, mlm_ids, labels
+        # a static batch lists every position (its shapes stay fixed; the untaken ones weigh nothing)
+        positions = torch.arange(labels.numel(), device="cpu") if self.static else mlm_positions(labels)
+        return ids, mask, mlm_ids, labels, positions
 
     def patch_masks(self, n, generator):
         grid = self.cfg.grid
@@ -95,8 +97,9 @@ class XFMCollate:
             return MaskedTextBatch(*self.masked_texts(samples, generator))
         if self.stream == "images":
             return MaskedImageBatch(torch.stack(samples), self.patch_masks(len(samples), generator))
-        text = self.masked_texts([s[1] for s in samples], generator)
-        return MaskedPairBatch(torch.stack([s[0] for s in samples]), *text, self.patch_masks(len(samples), generator))
+        ids, mask, mlm_ids, labels, positions = self.masked_texts([s[1] for s in samples], generator)
+        return MaskedPairBatch(torch.stack([s[0] for s in samples]), ids, mask, mlm_ids, labels,
+                               self.patch_masks(len(samples), generator), positions)
 
 
 @torch.no_grad()

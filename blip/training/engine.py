@@ -49,8 +49,6 @@ class Progress:
         return self.epoch + self.step / self.steps_per_epoch
 
 
-
-
 class MetricsLog:
     """JSON lines, one object per event, written by rank 0."""
 
