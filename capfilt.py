@@ -32,10 +32,10 @@ def load_models(cfg, device):
     whatever it was trained as (a retrieval or pretraining checkpoint brings momentum encoders and queues that
     scoring does not need)."""
     for key in ("captioner", "filter"):
-        if not getattr(cfg, key):
+        if not getattr(cfg.options, key):
             raise SystemExit(f"capfilt: set the {key} checkpoint, e.g. --set {key}=path/to/model.safetensors")
-    captioner = load_model("caption", cfg.captioner, **cfg.model).to(device)
-    filter_model = load_model("itm", cfg.filter, **cfg.model).to(device)
+    captioner = load_model("caption", cfg.options.captioner, **cfg.model).to(device)
+    filter_model = load_model("itm", cfg.options.filter, **cfg.model).to(device)
     return captioner, filter_model
 
 
@@ -43,9 +43,10 @@ def settings_of(cfg, pairs) -> dict:
     """Everything a shard's content depends on (the threshold is applied at the merge, so it is not here)."""
     keys = ("filter_task", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty",
             "seed", "max_words", "precision", "shard_size", "test_batch_size")
-    return {"captioner": file_identity(cfg.captioner), "filter": file_identity(cfg.filter),
-            "inputs": [file_identity(f) for src in cfg.train_file for f in sorted(glob.glob(src)) or [src]],
-            "n_pairs": len(pairs), "model": cfg.model, **{k: getattr(cfg, k) for k in keys}}
+    opt = cfg.options
+    return {"captioner": file_identity(opt.captioner), "filter": file_identity(opt.filter),
+            "inputs": [file_identity(f) for src in opt.train_file for f in sorted(glob.glob(src)) or [src]],
+            "n_pairs": len(pairs), "model": cfg.model, **{k: getattr(opt if hasattr(opt, k) else cfg, k) for k in keys}}
 
 
 def main(argv=None, max_shards=None):
@@ -54,15 +55,16 @@ def main(argv=None, max_shards=None):
                                        prepare=ensure_shapes_world, tasks=("capfilt",),
                                        required=("train_file", "captioner", "filter"))
     captioner, filter_model = load_models(cfg, device)
-    capfilt = CapFilt(captioner, filter_model, filter_task=cfg.filter_task, num_captions=cfg.num_captions,
-                      top_p=cfg.top_p, min_length=cfg.min_length, max_length=cfg.max_length,
-                      repetition_penalty=cfg.repetition_penalty, prompt=captioner.cfg.prompt, max_words=cfg.max_words,
+    opt = cfg.options
+    capfilt = CapFilt(captioner, filter_model, filter_task=opt.filter_task, num_captions=opt.num_captions,
+                      top_p=opt.top_p, min_length=opt.min_length, max_length=opt.max_length,
+                      repetition_penalty=opt.repetition_penalty, prompt=captioner.cfg.prompt, max_words=cfg.max_words,
                       precision=cfg.precision)
-    pairs = list_pairs(cfg.train_file)
+    pairs = list_pairs(opt.train_file)
     settings = settings_of(cfg, pairs)
-    n_shards = (len(pairs) + cfg.shard_size - 1) // cfg.shard_size
-    log.info("%d pairs in %d shards of %d; %d rank(s)", len(pairs), n_shards, cfg.shard_size, dist.get_world_size())
-    run_shards(capfilt, pairs, out, shard_size=cfg.shard_size, seed=cfg.seed, settings=settings,
+    n_shards = (len(pairs) + opt.shard_size - 1) // opt.shard_size
+    log.info("%d pairs in %d shards of %d; %d rank(s)", len(pairs), n_shards, opt.shard_size, dist.get_world_size())
+    run_shards(capfilt, pairs, out, shard_size=opt.shard_size, seed=cfg.seed, settings=settings,
                batch_size=cfg.test_batch_size, num_workers=cfg.num_workers, max_shards=max_shards)
     dist.barrier()
     summary = None
@@ -73,10 +75,10 @@ def main(argv=None, max_shards=None):
         if left:
             log.warning("%d of %d shards not finished; run again to finish and merge", len(left), n_shards)
         else:
-            noise = json.load(open(cfg.noise_file)) if cfg.noise_file else None
-            extra = {"captioner": cfg.captioner, "filter": cfg.filter, "filter_task": cfg.filter_task,
-                     "num_captions": cfg.num_captions, "inputs": cfg.train_file}
-            summary = merge(out, n_shards, cfg.filter_threshold, noise=noise, extra=extra)
+            noise = json.load(open(opt.noise_file)) if opt.noise_file else None
+            extra = {"captioner": opt.captioner, "filter": opt.filter, "filter_task": opt.filter_task,
+                     "num_captions": opt.num_captions, "inputs": opt.train_file}
+            summary = merge(out, n_shards, opt.filter_threshold, noise=noise, extra=extra)
             brief = {k: summary[k] for k in ("pairs", "web", "synthetic", "total")}
             brief["unreadable"] = summary["unreadable"]["count"]
             if "filter_vs_noise" in summary:

@@ -12,7 +12,8 @@ Public API:
 from __future__ import annotations
 
 
-from . import inference
+from . import inference, tasks  # noqa: F401  (tasks: each registers its config keys, blip.training.config.OPTIONS)
+from .inference import capfilt  # noqa: F401  (and CapFilt's)
 from .data.images import image_transform, load_images
 from .inference.explain import itm_gradcam
 from .models import PRESETS, TASKS, ModelConfig

@@ -132,8 +132,8 @@ def ensure_shapes_ve_world(cfg):
     from blip import distributed as dist
     from data.worlds import ensure_shapes_world
     world = ensure_shapes_world(cfg)
-    if world is not None and cfg.shapes_ve is not None:
+    if world is not None and cfg.options is not None and cfg.options.shapes_ve is not None:
         if dist.is_main():
-            ensure_ve_set(cfg.shapes["out_dir"], cfg.shapes_ve)
+            ensure_ve_set(cfg.shapes["out_dir"], cfg.options.shapes_ve)
         dist.barrier()
     return world

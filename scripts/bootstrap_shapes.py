@@ -131,14 +131,14 @@ def main(argv=None):
     pretrain_cfg = load_config(ROOT / "configs" / "shapes_pretrain.yaml", [*a.sets, *a.pretrain_sets])
     # every step reads the same world (all shapes_*.yaml describe one), from the folder given or configured
     world = Path(a.world).resolve() if a.world else ROOT / pretrain_cfg.shapes["out_dir"]
-    data = [f"shapes.out_dir={world}", f"image_root={world}", f"ann_root={world}", f"coco_gt_root={world}"]
+    data = [f"shapes.out_dir={world}", f"image_root={world}", f"ann_root={world}"]
     pre = [*data, *a.pretrain_sets]  # the pretraining steps' own keys
     noisy = run_step("1/5 pretrain on noisy pairs", "pretrain.py", "shapes_pretrain.yaml", out / "pretrain_noisy",
                      [*pre, f"train_file=[{world / 'pretrain.json'}]"], a)
     init = f"pretrained={noisy / 'model.safetensors'}"  # the alias map restores the decoder's tied weights
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # the two fine-tunes are independent
         cap = pool.submit(run_step, "2/5 fine-tune captioner", "train_caption.py", "shapes_caption.yaml",
-                          out / "captioner", [*data, init], a, side_by_side=True)
+                          out / "captioner", [*data, f"coco_gt_root={world}", init], a, side_by_side=True)
         filt = pool.submit(run_step, "3/5 fine-tune filter", "train_retrieval.py", "shapes_retrieval.yaml",
                            out / "filter", [*data, init], a, side_by_side=True)
         cap, filt = cap.result(), filt.result()

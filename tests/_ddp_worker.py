@@ -58,7 +58,7 @@ def ranklog(out_dir, accum, device):
 
 def streams(out_dir, batch, device):
     """Three streams of different lengths and batch sizes (per rank: `batch` pairs and texts, 1.5 x images)."""
-    cfg = tiny_config(f"batch_size_streams={{text: {batch}, images: {3 * batch // 2}}}", batch_size=batch,
+    cfg = tiny_config("task=streams", f"batch_size_streams={{text: {batch}, images: {3 * batch // 2}}}", batch_size=batch,
                       max_epoch=2, init_lr=1e-2, warmup_steps=0, num_workers=0, seed=3)
     task = StreamsTask(cfg, {"pairs": 16, "text": 8, "images": 48})
     model = task.build_model()

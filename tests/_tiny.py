@@ -97,8 +97,14 @@ class StreamsModel(torch.nn.Module):
                 for name, (_, x) in batches.items()}
 
 
+@dataclass
+class StreamsOptions(Task.Options):
+    batch_size_streams: dict | None = None  # {stream: per-rank batch}; a stream not named: batch_size_train
+
+
 class StreamsTask(Task):
     """A toy task over several Rows streams ({name: length}, the first the primary)."""
+    Options = StreamsOptions
     names = ("streams",)
 
     def __init__(self, cfg, lengths, dropout=0.0):
@@ -111,6 +117,9 @@ class StreamsTask(Task):
 
     def train_data(self, model):
         return {name: Rows(n, offset=k) for k, (name, n) in enumerate(self.lengths.items())}
+
+    def stream_batch_sizes(self):
+        return self.options.batch_size_streams
 
     def losses(self, forward, batch, progress):
         return forward(**batch)

@@ -22,19 +22,20 @@ def test_every_config_loads():
 def test_original_values():
     c = load_config(CONFIGS[0].parent / "retrieval_coco.yaml")
     m = c.model
-    assert (m["image_size"], c.batch_size_train, c.batch_size_test, c.k_test, m["negative_all_rank"],
+    assert (m["image_size"], c.batch_size_train, c.batch_size_test, c.options.k_test, m["negative_all_rank"],
             m["vit_grad_ckpt"], m["vit_ckpt_layer"], c.init_lr, c.min_lr, c.max_epoch, m["queue_size"]) == \
         (384, 32, 64, 256, True, True, 4, 1e-5, 0.0, 6, 57600)
     f = load_config(CONFIGS[0].parent / "retrieval_flickr.yaml")
-    assert (f.k_test, f.model["negative_all_rank"]) == (128, False)
+    assert (f.options.k_test, f.model["negative_all_rank"]) == (128, False)
     p = load_config(CONFIGS[0].parent / "pretrain.yaml")
     assert (p.model["image_size"], p.batch_size, p.init_lr, p.warmup_lr, p.lr_decay_rate, p.warmup_steps,
             p.max_epoch) == (224, 75, 3e-4, 1e-6, 0.9, 3000, 20)
     v = load_config(CONFIGS[0].parent / "vqa.yaml")
-    assert (v.model["image_size"], v.train_batch_size, v.test_batch_size, v.init_lr, v.inference,
-            v.train_files) == (480, 16, 32, 2e-5, "rank", ["vqa_train", "vqa_val", "vg_qa"])
+    assert (v.model["image_size"], v.train_batch_size, v.test_batch_size, v.init_lr, v.options.inference,
+            v.options.train_files) == (480, 16, 32, 2e-5, "rank", ["vqa_train", "vqa_val", "vg_qa"])
     cap = load_config(CONFIGS[0].parent / "caption_coco.yaml")
-    assert (cap.model["prompt"], cap.max_length, cap.min_length, cap.num_beams, cap.train_batch_size) == \
+    assert (cap.model["prompt"], cap.options.max_length, cap.options.min_length, cap.options.num_beams,
+            cap.train_batch_size) == \
         ("a picture of ", 20, 5, 3, 32)
     n = load_config(CONFIGS[0].parent / "nlvr.yaml")
     assert (n.init_lr, n.max_epoch, n.train_batch_size, n.test_batch_size) == (3e-5, 15, 16, 64)
@@ -67,12 +68,12 @@ def test_unknown_key_names_key_and_file(tmp_path):
 
 
 def test_overrides_are_yaml_scalars():
-    c = load_config(None, ["init_lr=1e-4", "vit_grad_ckpt=true", "max_epoch=3", "min_lr=0",
+    c = load_config(None, ["task=vqa", "init_lr=1e-4", "vit_grad_ckpt=true", "max_epoch=3", "min_lr=0",
                            "prompt='a photo of '", "train_files=[a, b]", "grad_clip=1",
                            "med_config.num_hidden_layers=2", "pretrained="])
     assert c.init_lr == 1e-4 and c.model["vit_grad_ckpt"] is True and c.max_epoch == 3
     assert isinstance(c.min_lr, float) and c.grad_clip == 1.0 and isinstance(c.grad_clip, float)
-    assert c.model["prompt"] == "a photo of " and c.train_files == ["a", "b"]
+    assert c.model["prompt"] == "a photo of " and c.options.train_files == ["a", "b"]
     assert c.model["med_config"] == {"num_hidden_layers": 2} and c.pretrained == ""
     assert parse_override("k = v=w") == ("k", "v=w")
     with pytest.raises(ValueError, match="KEY=VALUE"):
@@ -145,4 +146,67 @@ def test_shapes_section_fits_the_generator():
                 continue
             from blip.models import ModelConfig
             assert c.shapes["image_size"] == ModelConfig.from_overrides(**c.model).image_size
-            assert c.k_test <= len(shapes.answer_list()) or c.task != "vqa"
+            assert c.task != "vqa" or c.options.k_test <= len(shapes.answer_list())
+
+
+def test_a_task_owns_its_keys(tmp_path):
+    """A task's own keys live in its Options (cfg.options): typed and checked like the shared ones, refused for a
+    task without them or a config without `task:`, each error naming key and owner."""
+    import blip  # noqa: F401  (registers the library's tasks)
+    from blip.tasks import RetrievalTask, VQATask
+    c = load_config(None, ["task=retrieval", "k_test=16", "alpha=1"])
+    assert isinstance(c.options, RetrievalTask.Options) and (c.options.k_test, c.options.alpha) == (16, 1.0)
+    assert not hasattr(c, "k_test")  # nothing of a task's reaches the shared config
+    with pytest.raises(ValueError, match=r"--set: unknown config key 'inference': task 'retrieval' has no such key "
+                                         r"\(task vqa has\)"):
+        load_config(None, ["task=retrieval", "inference=rank"])
+    with pytest.raises(ValueError, match="'num_beams': a key of task capfilt|'num_beams': a key of task caption"):
+        load_config(None, ["num_beams=2"])
+    with pytest.raises(ValueError, match="'k_test' must be at least 1"):
+        load_config(None, ["task=vqa", "k_test=0"])
+    with pytest.raises(ValueError, match="'inference' must be one of"):
+        load_config(None, ["task=vqa", "inference=guess"])
+    with pytest.raises(TypeError, match="'vqa_root' expects str"):
+        load_config(None, ["task=vqa", "vqa_root=3"])
+    bad = tmp_path / "x.yaml"
+    bad.write_text("task: vqa\nk_tset: 8\n")
+    with pytest.raises(ValueError, match=r"x\.yaml: unknown config key 'k_tset' \(did you mean 'k_test'\?\)"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="the config's task is 'retrieval', but VQATask runs"):
+        VQATask(c)  # a config read for another task
+    c.task = ""
+    with pytest.raises(ValueError, match="read for task '' \\(RetrievalOptions\\)"):
+        VQATask(c)  # its section is another task's all the same
+    assert VQATask(load_config(None)).options == VQATask.Options()  # no task: the defaults
+
+
+def test_a_new_task_brings_its_keys_in_its_own_file(tmp_path):
+    """Defining a Task subclass registers its Options: a config for it reads, checks and round-trips its keys,
+    with no edit of the shared config."""
+    from dataclasses import dataclass
+    from blip.tasks import Task
+    from blip.training.config import OPTIONS, option
+
+    @dataclass
+    class CountOptions(Task.Options):
+        shapes_counted: int = option(3, at_least=1)
+        answer_file: str = option("", path="file")
+
+    class CountTask(Task):
+        Options = CountOptions
+        names = ("count_test",)
+
+    try:
+        file = tmp_path / "count.yaml"
+        file.write_text("task: count_test\nshapes_counted: 5\ninit_lr: 1e-4\n")
+        c = load_config(file)
+        assert CountTask(c).options == CountOptions(shapes_counted=5) and c.init_lr == 1e-4
+        save_config(c, tmp_path / "saved.yaml")
+        assert load_config(tmp_path / "saved.yaml") == c
+        with pytest.raises(ValueError, match="at least 1"):
+            load_config(file, ["shapes_counted=0"])
+        from blip.training.run import check_inputs
+        with pytest.raises(FileNotFoundError, match="config key 'answer_file': no file"):
+            check_inputs(load_config(file, [f"answer_file={tmp_path / 'none.json'}"]))
+    finally:
+        OPTIONS.pop("count_test")

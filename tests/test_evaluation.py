@@ -20,8 +20,8 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     import blip
     from blip import distributed as dist
-    from blip.training.config import load_config
     from blip.evaluation.loops import evaluate_caption, evaluate_retrieval
+    from blip.models.generation import Decoding
 
     SIZES = dict(image_size=32, patch_size=8, vision_width=32, vision_depth=1, vision_heads=2, embed_dim=16,
                  med_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
@@ -49,9 +49,10 @@ WORKER = textwrap.dedent("""
     torch.manual_seed(0)
     caption = blip.load_model("caption", **SIZES)
     gallery = Gallery()
-    cfg = load_config(None, ["batch_size=2", "num_workers=0", "max_length=8", "min_length=3"])
+    how = Decoding(max_length=8, min_length=3)
     out = {"world": world, "retrieval": evaluate_retrieval(retrieval, gallery, k_test=4, batch_size=2, rerank_batch=5),
-           "captions": evaluate_caption(caption, gallery, cfg, result_file=sys.argv[1] + "/captions.json"),
+           "captions": evaluate_caption(caption, gallery, how, result_file=sys.argv[1] + "/captions.json",
+                                        batch_size=2),
            "training": retrieval.training}
     if dist.is_main():
         json.dump(out, open(sys.argv[1] + f"/world{world}.json", "w"))
@@ -120,10 +121,11 @@ def test_caption_evaluator_scores_results_against_coco_ground_truth(tmp_path):
           "annotations": [{"image_id": i, "caption": c, "id": n} for n, (i, c) in
                           enumerate((i, c) for i, cs in refs.items() for c in cs)]}
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    cfg = load_config(None, ["batch_size=2", "num_workers=0", "num_beams=4", "max_length=11", "min_length=2",
-                             "repetition_penalty=1.1", "meteor=false"])
+    cfg = load_config(None, ["task=caption", "batch_size=2", "num_workers=0", "num_beams=4", "max_length=11",
+                             "min_length=2", "repetition_penalty=1.1", "meteor=false"])
+    how, kw = cfg.options.decoding(), dict(batch_size=cfg.test_batch_size, meteor=cfg.options.meteor)
     stub = Stub({0: "a red circle on the left", 1: "two blue squares at the top", 2: "a green triangle in the center"})
-    scores = evaluate_caption(stub, Images([11, 12, 13]), cfg, tmp_path / "gt.json", result_file=tmp_path / "res.json")
+    scores = evaluate_caption(stub, Images([11, 12, 13]), how, tmp_path / "gt.json", tmp_path / "res.json", **kw)
     assert json.loads((tmp_path / "res.json").read_text()) == [
         {"image_id": 11, "caption": "a red circle on the left"},
         {"image_id": 12, "caption": "two blue squares at the top"},
@@ -133,16 +135,17 @@ def test_caption_evaluator_scores_results_against_coco_ground_truth(tmp_path):
     assert "METEOR" not in scores and scores["CIDEr"] > 1.0
 
     wrong = Stub({0: "two blue squares at the top", 1: "a red circle on the left", 2: "a green triangle in the center"})
-    assert evaluate_caption(wrong, Images([11, 12, 13]), cfg, tmp_path / "gt.json")["CIDEr"] < scores["CIDEr"] / 2
+    assert evaluate_caption(wrong, Images([11, 12, 13]), how, tmp_path / "gt.json", **kw)["CIDEr"] < scores["CIDEr"] / 2
 
 
 def test_vqa_evaluator_writes_results_and_official_accuracy(tmp_path):
     ann = [{"question_id": 7, "answer": ["yes"] * 10}, {"question_id": 8, "answer": ["2"] * 2 + ["3"] * 8},
            {"question_id": 9, "answer": ["blue"] * 10}]
     data = Images([7, 8, 9], questions=["is it?", "how many?", "what color?"], ann=ann)
-    cfg = load_config(None, ["batch_size=2", "num_workers=0", "inference=rank", "k_test=5"])
+    cfg = load_config(None, ["task=vqa", "batch_size=2", "num_workers=0", "inference=rank", "k_test=5"])
+    kw = dict(method=cfg.options.inference, k=cfg.options.k_test, batch_size=cfg.test_batch_size)
     stub = Stub({0: "yes", 1: "two", 2: "red"})  # "two" is normalised to "2"
-    out = evaluate_vqa(stub, data, cfg, answer_list=["yes", "2", "red"], result_file=tmp_path / "vqa_result.json")
+    out = evaluate_vqa(stub, data, ["yes", "2", "red"], tmp_path / "vqa_result.json", **kw)
     # q7: 1; q8: 2 annotators of 10 agree -> mean over leave-one-out of min(1, n/3) = (2 * 1/3 + 8 * 2/3) / 10 = 0.6
     assert out["acc"] == pytest.approx(100 * (1 + 0.6 + 0) / 3)
     assert json.loads((tmp_path / "vqa_result.json").read_text()) == [
@@ -150,7 +153,7 @@ def test_vqa_evaluator_writes_results_and_official_accuracy(tmp_path):
     assert stub.kwargs[0] == dict(method="rank", answer_list=["yes", "2", "red"], k=5)
 
     test_dev = Images([7, 8, 9], questions=["a?", "b?", "c?"], ann=[{"question_id": q} for q in (7, 8, 9)])
-    assert evaluate_vqa(stub, test_dev, cfg, ["yes"]) == {}  # no answers: the server scores the result file
+    assert evaluate_vqa(stub, test_dev, ["yes"], **kw) == {}  # no answers: the server scores the result file
 
 
 def test_nlvr_evaluator_accuracy():

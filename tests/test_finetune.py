@@ -27,10 +27,13 @@ def world(tmp_path_factory):
     return root
 
 
+TASK_ROOTS = {"shapes_caption.yaml": ("coco_gt_root",), "shapes_vqa.yaml": ("vqa_root",)}  # the task's own keys
+
+
 def run(script, config, world, out, *overrides, evaluate_from=None):
     argv = ["--config", f"configs/{config}", "--device", "cpu", "--output-dir", str(out), "--set", *TINY,
             *[f"shapes.{k}={v}".replace("'", "") for k, v in WORLD.items()],
-            *[f"{k}={world}" for k in ("shapes.out_dir", "image_root", "ann_root", "coco_gt_root", "vqa_root")],
+            *[f"{k}={world}" for k in ("shapes.out_dir", "image_root", "ann_root", *TASK_ROOTS.get(config, ()))],
             *overrides]
     if evaluate_from is not None:
         argv += [f"pretrained={evaluate_from}", "--evaluate"]

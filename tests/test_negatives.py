@@ -83,12 +83,12 @@ def test_lexicon_tagger_on_a_caption():
 
 def test_option_refused_when_misspelled():
     with pytest.raises(ValueError, match="did you mean 'captions'"):
-        load_config(None, ["hard_negatives={captoins: 2}"])
+        load_config(None, ["task=retrieval", "hard_negatives={captoins: 2}"])
     with pytest.raises(ValueError, match="unknown tagger"):
-        load_config(None, ["hard_negatives={captions: 2, tagger: nltk}"])
+        load_config(None, ["task=pretrain", "hard_negatives={captions: 2, tagger: nltk}"])
     with pytest.raises(ValueError, match="integer >= 0"):
-        load_config(None, ["hard_negatives={captions: -1}"])
-    assert load_config(None, ["hard_negatives.captions=2"]).hard_negatives == {"captions": 2}
+        load_config(None, ["task=retrieval", "hard_negatives={captions: -1}"])
+    assert load_config(None, ["task=retrieval", "hard_negatives.captions=2"]).options.hard_negatives == {"captions": 2}
 
 
 def test_itc_with_negative_captions_matches_hand_loop():
@@ -163,10 +163,10 @@ def test_itm_gains_one_row_per_image_with_negatives():
 def test_option_off_gives_todays_losses(task_cls):
     from blip.training.engine import Progress
     for off in (None, {"captions": 0}):
-        cfg = tiny_config("queue_size=8")
-        cfg.hard_negatives = off
+        cfg = tiny_config("queue_size=8", task=task_cls.names[0])
+        cfg.options.hard_negatives = off
         task = task_cls(cfg)
-        assert caption_sampler(cfg.hard_negatives) is None
+        assert caption_sampler(cfg.options.hard_negatives) is None
         progress = Progress(epoch=3, step=0, steps_per_epoch=10)  # past the alpha ramps
         samples = [(img, c, i) if task_cls is RetrievalTask else (img, c) for i, (img, c) in enumerate(zip(_batch(), CAPS))]
         results = []
@@ -177,7 +177,7 @@ def test_option_off_gives_todays_losses(task_cls):
                 out = task.losses(model, task.collate(model)(samples, list(range(4))), progress)
             else:  # the losses as they were called before the option existed
                 kw = {"idx": [0, 1, 2, 3]} if task_cls is RetrievalTask else {}
-                out = model.losses(_batch(), CAPS, alpha=cfg.alpha, **kw)
+                out = model.losses(_batch(), CAPS, alpha=cfg.options.alpha, **kw)
             results.append({k: v.item() for k, v in out.items()})
         assert results[0] == results[1]
 
@@ -189,7 +189,7 @@ def test_training_negatives_are_drawn_per_sample_seed():
     task = RetrievalTask(cfg)
     collate = task.collate(tiny_model(RetrievalTask, cfg))
     samples = [(img, c, i) for i, (img, c) in enumerate(zip(_batch(), CAPS))]
-    sampler = caption_sampler(cfg.hard_negatives)
+    sampler = caption_sampler(cfg.options.hard_negatives)
 
     def drawn(batch):
         rows = batch.neg_owner.tolist()

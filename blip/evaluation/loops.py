@@ -109,32 +109,31 @@ def eval_mode(model):
 
 
 @torch.no_grad()
-def evaluate_caption(model, dataset, cfg, gt_file=None, result_file=None):
-    """Beam-search captions [{image_id, caption}] (written to `result_file`), scored against the COCO-format
-    `gt_file` with PTB tokenisation + BLEU, METEOR (cfg.meteor), ROUGE-L, CIDEr (+SPICE). No gt_file (NoCaps): no
+def evaluate_caption(model, dataset, how: Decoding, gt_file=None, result_file=None, *, batch_size=64, num_workers=0,
+                     meteor=True):
+    """Captions [{image_id, caption}] decoded `how` (written to `result_file`), scored against the COCO-format
+    `gt_file` with PTB tokenisation + BLEU, METEOR (`meteor`), ROUGE-L, CIDEr (+SPICE). No gt_file (NoCaps): no
     scores."""
     results = []
-    how = Decoding(num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
-                   repetition_penalty=cfg.repetition_penalty)
     with eval_mode(model):
-        for images, image_ids in rank_loader(dataset, cfg.test_batch_size, cfg.num_workers):
+        for images, image_ids in rank_loader(dataset, batch_size, num_workers):
             captions = model.generate(images.to(model.device), how)
             results += [{"image_id": int(i), "caption": c} for i, c in zip(image_ids, captions)]
     results = gather(results)
     _write_json(results, result_file)
-    scores = caption_scores(results, gt_file, meteor=cfg.meteor) if gt_file is not None and dist.is_main() else {}
+    scores = caption_scores(results, gt_file, meteor=meteor) if gt_file is not None and dist.is_main() else {}
     return dist.all_gather_object(scores)[0]  # rank 0 scored (Java); every rank returns its numbers
 
 
 @torch.no_grad()
-def evaluate_vqa(model, dataset, cfg, answer_list=None, result_file=None):
-    """Answers [{question_id, answer}] by cfg.inference ('rank' over `answer_list` with k=cfg.k_test, or
+def evaluate_vqa(model, dataset, answer_list=None, result_file=None, *, method="rank", k=128, batch_size=64,
+                 num_workers=0):
+    """Answers [{question_id, answer}] by `method` ('rank' over `answer_list` with top `k` first tokens, or
     'generate'), written to `result_file`; the official VQA accuracy when every question has answers."""
     results = []
     with eval_mode(model):
-        for images, questions, qids in rank_loader(dataset, cfg.test_batch_size, cfg.num_workers):
-            answers = model.answer(images.to(model.device), questions, method=cfg.inference,
-                                   answer_list=answer_list, k=cfg.k_test)
+        for images, questions, qids in rank_loader(dataset, batch_size, num_workers):
+            answers = model.answer(images.to(model.device), questions, method=method, answer_list=answer_list, k=k)
             results += [{"question_id": int(q), "answer": a} for q, a in zip(qids, answers)]
     results = gather(results)
     _write_json(results, result_file)

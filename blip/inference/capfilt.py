@@ -27,8 +27,29 @@ from ..precision import autocast
 from ..data.tokenizer import CLS_ID, ENC_ID, pre_caption
 from ..data.datasets import IMAGE_EXTS
 from ..data.shards import expand_shards, is_remote, tar_caption, tar_headers
+from ..training.config import option, register_options
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CapFiltOptions:
+    """The config keys of `task: capfilt` (capfilt.py)."""
+    train_file: list[str] = option([])  # the web pairs: pretraining JSON lists and/or webdataset shards (globs)
+    captioner: str = option("", path="file")  # caption checkpoint writing the synthetic captions
+    filter: str = option("", path="file")  # ITM checkpoint scoring every text against its image
+    filter_task: str = option("retrieval", choices=("retrieval", "itm"))  # its ITM first token: [ENC] | [CLS]
+    num_captions: int = option(1, at_least=1)  # synthetic captions per image (nucleus sampling)
+    top_p: float = 0.9
+    min_length: int = 5
+    max_length: int = 20
+    repetition_penalty: float = 1.0
+    filter_threshold: float = 0.5       # keep a text when its ITM match probability >= this
+    shard_size: int = option(1000, at_least=1)  # pairs per resumable work unit
+    noise_file: str = ""                # optional per-pair booleans (True = wrong caption): the filter's P/R
+
+
+register_options(("capfilt",), CapFiltOptions)
 
 
 # ---- input: web image-text pairs ----------------------------------------------------------------------------

@@ -2,21 +2,29 @@
 
 A task says how its model is built from the config, its training data and collate, its losses for a batch at a
 given point of training, what happens once per optimizer step (the momentum update), its evaluations, its
-default learning-rate schedule and the metric that picks the best epoch. Nothing else in the library knows a
-task's name: adding one is a task file, a config and a three-line entry script.
+default learning-rate schedule and the metric that picks the best epoch; its own config keys are its `Options`
+dataclass (read from the YAML into `cfg.options`, typed and validated; the task reads them as `self.options`).
+Nothing else in the library knows a task's name: adding one is a task file, a config and a three-line entry script.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from ..models.factory import load_model
 from ..training import neighbours
 from ..models import pretrained
 from ..data.negatives import HardNegatives
 from ..data.transforms import test_transform, train_transform
+from ..training.config import register_options
 
 
 class Task:
+    @dataclass
+    class Options:
+        """The task's own config keys (none here); a task with keys subclasses this, fields made with
+        blip.training.config.option. Registered under the task's `names` when the class is defined."""
+
     names: tuple[str, ...] = ()   # the config `task` values this task runs (a config without one runs any)
     model_task = ""               # blip.load_model's task
     schedule = "cosine"           # blip.training.optim SCHEDULES name; a config's `schedule:` overrides it
@@ -25,17 +33,18 @@ class Task:
     crop_scale = (0.5, 1.0)       # RandomResizedCrop scale unless the config sets crop_scale
     ann_files: dict[str, str] = {}  # dataset name -> annotation file pattern under ann_root ('{}' = the split)
     required_keys: tuple[str, ...] = ()  # config keys the task cannot run without (named when empty)
-    takes_hard_negatives = False  # the losses take NegCLIP's negatives (config `hard_negatives`, blip.data.negatives)
     find_unused_parameters = False  # some parameters get no gradient in a step: DDP must look for them (a cost)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        register_options(cls.names, cls.Options)
 
     def __init__(self, cfg):
         if cfg.task and cfg.task not in self.names:
             raise ValueError(f"the config's task is {cfg.task!r}, but {type(self).__name__} runs {self.names}: "
                              f"use the entry script of that task or fix `task:`")
-        if HardNegatives.from_config(cfg.hard_negatives).enabled and not self.takes_hard_negatives:
-            raise ValueError(f"config key 'hard_negatives': {type(self).__name__} has no contrastive or matching "
-                             f"loss to take them; retrieval and pretraining do")
         self.cfg = cfg
+        self.options = cfg.options_for(self.Options)
 
     @property
     def schedule_name(self) -> str:
@@ -91,8 +100,8 @@ class Task:
 
     def stream_batch_sizes(self) -> dict | None:
         """Per-rank batch sizes of the streams of a task with several ({stream: batch}; a stream not named: the
-        config's batch_size_train): the config's `batch_size_streams`."""
-        return self.cfg.batch_size_streams
+        config's batch_size_train)."""
+        return None
 
     @property
     def static(self) -> bool:
@@ -101,7 +110,7 @@ class Task:
 
     def image_neighbours(self, model, dataset, out_dir, resume_dir=None):
         """NegCLIP's nearest-neighbour images of the training set (`hard_negatives.images`), or None when off."""
-        k = HardNegatives.from_config(self.cfg.hard_negatives).images
+        k = HardNegatives.from_config(getattr(self.options, "hard_negatives", None)).images
         if not k:
             return None
         return neighbours.load_or_build(model, dataset, k, self.test_transform(model), out_dir, resume_dir=resume_dir,

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 from ..data.batches import CaptionCollate
 from ..data.datasets import ImageDataset, as_list, int_id, load_entries
 from ..data.tokenizer import pre_caption
 from ..evaluation.loops import evaluate_caption
+from ..models.generation import Decoding
+from ..training.config import option
 from .base import Task
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,29 @@ class CaptionEvalDataset(ImageDataset):
 NoCapsDataset = CaptionEvalDataset  # {image, img_id}
 
 
+@dataclass
+class DecodingOptions(Task.Options):
+    """Beam search as the original's caption configs set it (blip.models.generation.Decoding)."""
+    max_length: int = 20                # tokens, the prompt's included
+    min_length: int = 5
+    num_beams: int = option(3, at_least=1)
+    repetition_penalty: float = 1.0     # the NoCaps script uses 1.1
+
+    def decoding(self, **over) -> Decoding:
+        return Decoding(num_beams=self.num_beams, max_length=self.max_length, min_length=self.min_length,
+                        repetition_penalty=self.repetition_penalty, **over)
+
+
+@dataclass
+class CaptionOptions(DecodingOptions):
+    coco_gt_root: str = option("", path="folder")  # the COCO-format ground truth ({dataset}_{split}_gt.json)
+    meteor: bool = True                 # the scores include METEOR (a Java process, ~10 s a call)
+    score_captions: bool = True         # score the captions (PTB tokenizer: Java); false: the result files only (a
+    #                                     machine without Java, e.g. a GPU image)
+
+
 class CaptionTask(Task):
+    Options = CaptionOptions
     names = ("caption", "nocaps")
     model_task = "caption"
     ann_files = {"coco": "coco_karpathy_{}.json", "shapes": "karpathy_{}.json", "nocaps": "nocaps_{}.json"}
@@ -102,17 +127,18 @@ class CaptionTask(Task):
         return forward(batch)
 
     def evaluations(self, model, out_dir):
-        cfg, out = self.cfg, {}
+        cfg, opt, out = self.cfg, self.options, {}
         for split in ("val", "test"):
             path = self.ann_file("nocaps" if self.nocaps else self.dataset, split)
             if self.nocaps and not os.path.exists(path):
                 log.warning("no %s: NoCaps %s skipped", path, split)
                 continue
             images = CaptionEvalDataset(path, cfg.image_root, self.test_transform(model))
-            scored = cfg.score_captions and not self.nocaps
-            gt = self.ann_file(self.dataset, f"{split}_gt", root=cfg.coco_gt_root) if scored else None
+            scored = opt.score_captions and not self.nocaps
+            gt = self.ann_file(self.dataset, f"{split}_gt", root=opt.coco_gt_root) if scored else None
             out[split] = lambda m, d=images, gt=gt, split=split: evaluate_caption(
-                m, d, cfg, gt, result_file=os.path.join(out_dir, f"{split}_result.json"))
+                m, d, opt.decoding(), gt, os.path.join(out_dir, f"{split}_result.json"),
+                batch_size=cfg.test_batch_size, num_workers=cfg.num_workers, meteor=opt.meteor)
         if not out:
             raise SystemExit(f"nothing to evaluate: no NoCaps split file in {cfg.ann_root}")
         return out

@@ -2,12 +2,12 @@
 step-decay schedule; on the offline shapes world, held-out retrieval recall after every epoch."""
 from __future__ import annotations
 
-import os
-
 import io
 import itertools
 import logging
+import os
 import random
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -15,10 +15,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..data.datasets import IMAGE_EXTS, ImageDataset, SkipsBadImages, as_list, load_entries
 from ..data.shards import count_samples, expand_shards, is_remote, stream_samples, tar_caption
 from ..data.tokenizer import pre_caption
-from .retrieval import RetrievalEvalDataset
+from .retrieval import RetrievalEvalDataset, RetrievalOptions
 from ..evaluation.loops import evaluate_retrieval
 from ..data.batches import PairCollate
 from ..data.negatives import caption_sampler
+from ..training.config import option
 from .base import Task
 
 log = logging.getLogger(__name__)
@@ -144,38 +145,47 @@ class WebDatasetShards(SkipsBadImages, IterableDataset):
         return None if image is None else (image, pre_caption(caption, self.max_words))
 
 
+@dataclass
+class PretrainOptions(RetrievalOptions):
+    train_file: list[str] = option([])  # JSON lists of {image, caption}, or webdataset shards (globs, braces)
+    laion_path: str = ""                # the original's key (its LAION shards); unused here: shards go in train_file
+    train_num_samples: int | None = None  # shards: samples per epoch (None: counted once), as open_clip's flag
+    shard_shuffle_buffer: int = 1000    # shards: samples in the seeded shuffle buffer
+    dataset_resampled: bool = False     # shards: draw shards with replacement (every rank the same steps)
+
+
 class PretrainTask(Task):
+    Options = PretrainOptions
     names = ("pretrain",)
     model_task = "pretrain"
-    takes_hard_negatives = True
     required_keys = ("train_file",)  # JSON lists or shards of pairs
     schedule = "step"
     crop_scale = (0.2, 1.0)  # pretraining crops down to 20%
 
     def train_data(self, model):
-        cfg, transform = self.cfg, self.train_transform(model)
-        if any(".tar" in str(f) for f in cfg.train_file):  # webdataset shards: globs, braces, pipe: URLs
-            return WebDatasetShards(cfg.train_file, transform, max_words=cfg.max_words, shuffle=True, seed=cfg.seed,
-                                    num_samples=cfg.train_num_samples, shuffle_buffer=cfg.shard_shuffle_buffer,
-                                    resampled=cfg.dataset_resampled)
-        return PretrainDataset(cfg.train_file, transform, max_words=cfg.max_words)
+        cfg, opt, transform = self.cfg, self.options, self.train_transform(model)
+        if any(".tar" in str(f) for f in opt.train_file):  # webdataset shards: globs, braces, pipe: URLs
+            return WebDatasetShards(opt.train_file, transform, max_words=cfg.max_words, shuffle=True, seed=cfg.seed,
+                                    num_samples=opt.train_num_samples, shuffle_buffer=opt.shard_shuffle_buffer,
+                                    resampled=opt.dataset_resampled)
+        return PretrainDataset(opt.train_file, transform, max_words=cfg.max_words)
 
     def begin_step(self, model, progress):
         model.momentum_update()
 
     def collate(self, model):
-        return PairCollate(model.text_max_length, negatives=caption_sampler(self.cfg.hard_negatives), lm=True,
+        return PairCollate(model.text_max_length, negatives=caption_sampler(self.options.hard_negatives), lm=True,
                            static=self.static)
 
     def losses(self, forward, batch, progress):
         # the original: alpha · min(1, (epoch · n + i) / (2n)), a ramp over the first two epochs
-        return forward(batch, alpha=self.cfg.alpha * min(1.0, progress.epochs_done / 2))
+        return forward(batch, alpha=self.options.alpha * min(1.0, progress.epochs_done / 2))
 
     def evaluations(self, model, out_dir):
         if not self.cfg.shapes:
             return {}
         root = self.cfg.shapes["out_dir"]
         gallery = RetrievalEvalDataset(os.path.join(root, "karpathy_test.json"), root, self.test_transform(model))
-        return {"": lambda m: evaluate_retrieval(m, gallery, k_test=self.cfg.k_test,
+        return {"": lambda m: evaluate_retrieval(m, gallery, k_test=self.options.k_test,
                                                  batch_size=self.cfg.test_batch_size,
-                                                 rerank_precision=self.cfg.rerank_precision)}
+                                                 rerank_precision=self.options.rerank_precision)}

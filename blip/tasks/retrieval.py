@@ -3,12 +3,15 @@ hard negatives; ITC top-k + ITM re-rank recall on val and test after every epoch
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from ..data.datasets import ImageDataset, as_list, load_entries
 from ..data.tokenizer import pre_caption
 from ..evaluation.loops import evaluate_retrieval
 from ..data.batches import PairCollate
-from ..data.negatives import caption_sampler
+from ..data.negatives import HardNegatives, caption_sampler
+from ..precision import PRECISIONS
+from ..training.config import option
 from .base import Task
 from .caption import CaptionTrainDataset
 
@@ -48,10 +51,22 @@ class RetrievalEvalDataset(ImageDataset):
         return None if image is None else (image, index)
 
 
+@dataclass
+class RetrievalOptions(Task.Options):
+    """Keys of the tasks that train ITC + ITM and evaluate retrieval (fine-tuning and pretraining)."""
+    alpha: float = 0.4                  # the momentum distillation weight (ramped up)
+    hard_negatives: dict | None = None  # NegCLIP: {captions: 3, images: 3} (blip.data.negatives)
+    k_test: int = option(256, at_least=1)  # ITC candidates the ITM re-ranks
+    rerank_precision: str = option("fp32", choices=PRECISIONS)  # the re-rank's: 'fp32' (the original), 'bf16', ...
+
+    def __post_init__(self):
+        HardNegatives.from_config(self.hard_negatives)  # a misspelled option is refused here, with its name
+
+
 class RetrievalTask(Task):
+    Options = RetrievalOptions
     names = ("retrieval",)
     model_task = "retrieval"
-    takes_hard_negatives = True
     ann_files = {"coco": "coco_karpathy_{}.json", "flickr": "flickr30k_{}.json", "shapes": "karpathy_{}.json"}
 
     def train_data(self, model):
@@ -63,21 +78,21 @@ class RetrievalTask(Task):
         model.momentum_update()
 
     def collate(self, model):
-        return PairCollate(model.text_max_length, negatives=caption_sampler(self.cfg.hard_negatives),
+        return PairCollate(model.text_max_length, negatives=caption_sampler(self.options.hard_negatives),
                            static=self.static)
 
     def losses(self, forward, batch, progress):
         # the original: alpha ramps over the first epoch
-        return forward(batch, alpha=self.cfg.alpha * min(1.0, progress.epochs_done))
+        return forward(batch, alpha=self.options.alpha * min(1.0, progress.epochs_done))
 
     def evaluations(self, model, out_dir):
-        cfg, out = self.cfg, {}
+        cfg, opt, out = self.cfg, self.options, {}
         for split in ("val", "test"):
             gallery = RetrievalEvalDataset(self.ann_file(cfg.dataset, split), cfg.image_root,
                                            self.test_transform(model), max_words=cfg.max_words)
             out[split] = lambda m, g=gallery: evaluate_retrieval(
-                m, g, k_test=cfg.k_test, batch_size=cfg.test_batch_size, num_workers=cfg.num_workers,
-                rerank_precision=cfg.rerank_precision)
+                m, g, k_test=opt.k_test, batch_size=cfg.test_batch_size, num_workers=cfg.num_workers,
+                rerank_precision=opt.rerank_precision)
         return out
 
     def best(self, metrics):

@@ -3,6 +3,7 @@ test after every epoch, the best dev epoch kept."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -65,7 +66,13 @@ def evaluate_ve(model, dataset, batch_size=64, num_workers=0) -> dict:
     return out
 
 
+@dataclass
+class VEOptions(Task.Options):
+    shapes_ve: dict | None = None       # the offline set: data.shapes_ve.generate_ve_set arguments (train_ve.py)
+
+
 class VETask(Task):
+    Options = VEOptions
     names = ("ve",)
     model_task = "ve"
     ann_files = {"ve": "ve_{}.json"}

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 from ..data.batches import VQACollate
 from ..data.datasets import ImageDataset, as_list, load_entries, read_json
 from ..data.tokenizer import pre_question
 from ..evaluation.loops import evaluate_vqa
+from ..training.config import option
 from .base import Task
 
 
@@ -75,7 +77,17 @@ class VQADataset(ImageDataset):
         return (image, question, *answer_weights(e))
 
 
+@dataclass
+class VQAOptions(Task.Options):
+    train_files: list[str] = option([])  # annotation files under ann_root, without .json: vqa_train, vqa_val, vg_qa
+    vqa_root: str = option("", path="folder")  # the COCO images of VQA v2
+    vg_root: str = option("", path="folder")  # the Visual Genome images
+    inference: str = option("rank", choices=("rank", "generate"))  # test answers: rank the answer list, or generate
+    k_test: int = option(128, at_least=1)  # 'rank': answers whose first token is in the top k are scored in full
+
+
 class VQATask(Task):
+    Options = VQAOptions
     names = ("vqa",)
     model_task = "vqa"
     eval_every_epoch = False  # as the original: no model selection on the test split, evaluated once
@@ -83,11 +95,11 @@ class VQATask(Task):
 
     @property
     def roots(self):
-        return {"vqa": self.cfg.vqa_root, "vg": self.cfg.vg_root}
+        return {"vqa": self.options.vqa_root, "vg": self.options.vg_root}
 
     def train_data(self, model):
         cfg = self.cfg
-        files = [os.path.join(cfg.ann_root, f"{name}.json") for name in cfg.train_files]
+        files = [os.path.join(cfg.ann_root, f"{name}.json") for name in self.options.train_files]
         return VQADataset(files, self.roots, self.train_transform(model), split="train")
 
     def collate(self, model):
@@ -102,5 +114,6 @@ class VQATask(Task):
         with open(os.path.join(cfg.ann_root, "answer_list.json")) as f:
             answer_list = json.load(f)
         test = VQADataset(self.ann_file("vqa", "test"), self.roots, self.test_transform(model), split="test")
-        return {"test": lambda m: evaluate_vqa(m, test, cfg, answer_list,
-                                               result_file=os.path.join(out_dir, "vqa_result.json"))}
+        return {"test": lambda m: evaluate_vqa(m, test, answer_list, os.path.join(out_dir, "vqa_result.json"),
+                                               method=self.options.inference, k=self.options.k_test,
+                                               batch_size=cfg.test_batch_size, num_workers=cfg.num_workers)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -17,6 +18,7 @@ from ..evaluation.loops import eval_mode, feature_spread
 from ..evaluation.metrics import retrieval_recall
 from ..models.factory import load_model
 from ..models.xfm import block_mask, mlm_mask, mlm_positions, wordpiece_word_ids
+from ..training.config import option
 from .base import Task
 from .pretrain import PretrainDataset
 from .retrieval import RetrievalEvalDataset
@@ -119,7 +121,23 @@ def itc_retrieval(model, gallery, batch_size=64, num_workers=0) -> dict:
     return {**retrieval_recall(sim, sim.t(), gallery.txt2img, gallery.img2txt), **feature_spread(image_feat, text_feat)}
 
 
+@dataclass
+class XFMOptions(Task.Options):
+    train_file: list[str] = option([])  # the pairs stream: JSON lists of {image, caption}
+    text_file: list[str] = option([])   # the text stream: JSON lists of {caption} (or {text}), or .txt files
+    image_file: list[str] = option([])  # the image stream: JSON lists of {image}
+    xfm: dict | None = None             # XFMConfig keys over the `preset` (blip.models.xfm)
+    batch_size_streams: dict | None = None  # per GPU, per stream ({text: 64}); a stream not named: batch_size_train
+
+    def __post_init__(self):
+        sizes = self.batch_size_streams or {}
+        bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"config key 'batch_size_streams': batch sizes are positive integers, got {bad}")
+
+
 class XFMTask(Task):
+    Options = XFMOptions
     names = ("xfm",)
     model_task = "xfm"
     schedule = "step"        # BLIP pretraining's warmup + step decay (SPEC §12 does not give X-FM's)
@@ -139,18 +157,19 @@ class XFMTask(Task):
     def build_model(self):
         """XFM at the config's `preset` (XFMConfig's: base, tiny) with its `xfm` keys over it (and the model keys
         both share: image_size, patch_size, vision_width, embed_dim, drop_path_rate), or a checkpoint's."""
-        return load_model(self.model_task, self.cfg.pretrained or None, **{**self.cfg.model, **(self.cfg.xfm or {})})
+        return load_model(self.model_task, self.cfg.pretrained or None, **{**self.cfg.model, **(self.options.xfm or {})})
 
     @property
     def streams(self) -> list[str]:
         """The streams the config gives files for, in order: pairs, text, images."""
-        files = {"pairs": self.cfg.train_file, "text": self.cfg.text_file, "images": self.cfg.image_file}
+        opt = self.options
+        files = {"pairs": opt.train_file, "text": opt.text_file, "images": opt.image_file}
         return [name for name, given in files.items() if given]
 
     def stream_batch_sizes(self) -> dict:
         """The config's batch_size_streams of the streams this run has (arm A keeps the config's sizes of the
         others); a name that is no X-FM stream is refused."""
-        sizes = self.cfg.batch_size_streams or {}
+        sizes = self.options.batch_size_streams or {}
         unknown = sorted(set(sizes) - {"pairs", "text", "images"})
         if unknown:
             raise ValueError(f"config key 'batch_size_streams': {unknown} are not X-FM streams (pairs, text, images)")
@@ -162,10 +181,10 @@ class XFMTask(Task):
         return len(self.streams) < 3
 
     def train_data(self, model):
-        cfg, read = self.cfg, {
-            "pairs": lambda: PretrainDataset(cfg.train_file, self.train_transform(model), max_words=cfg.max_words),
-            "text": lambda: TextOnlyDataset(cfg.text_file, max_words=cfg.max_words),
-            "images": lambda: ImageOnlyDataset(cfg.image_file, self.train_transform(model))}
+        cfg, opt = self.cfg, self.options
+        read = {"pairs": lambda: PretrainDataset(opt.train_file, self.train_transform(model), max_words=cfg.max_words),
+                "text": lambda: TextOnlyDataset(opt.text_file, max_words=cfg.max_words),
+                "images": lambda: ImageOnlyDataset(opt.image_file, self.train_transform(model))}
         return {name: read[name]() for name in self.streams}
 
     def collate(self, model):

@@ -1,9 +1,12 @@
-"""One flat, typed config for every task, read from YAML.
+"""The typed config of a run, read from YAML: the shared keys, the model's, and the task's own section.
 
-`Config` holds the union of the original BLIP YAML keys (same names, same meaning) plus ours; the model options
-are ModelConfig's own keys, gathered in `Config.model` (only those set), never repeated here.
-Defaults are the original values where the original configs agree (or its code's constants);
-each configs/*.yaml states its task's values. Unknown keys are errors, never silently ignored.
+A YAML file is flat, as the original BLIP's (same key names, same meaning). Each key has one owner: `Config` holds
+the keys every task shares (data roots, optimisation, batch sizes, precision, checkpointing); the model options are
+ModelConfig's own keys, gathered in `Config.model` (only those set); a task's own keys (retrieval's `k_test`,
+captioning's `num_beams`, ...) are fields of that task's options dataclass (`Task.Options`, registered under the
+task's names in `OPTIONS`), read into `Config.options`, typed and validated like the rest. A new task brings its
+keys in its own file: nothing here changes. Defaults are the original values where the original configs agree (or
+its code's constants); each configs/*.yaml states its task's values. Unknown keys are errors, never silently ignored.
 """
 from __future__ import annotations
 
@@ -51,10 +54,35 @@ class TrainingConfig:
     record: dict = field(default_factory=dict, compare=False)  # the whole run config, as checkpoints keep it
 
 
+# task name -> the dataclass of that task's own config keys; a task registers its own (blip.tasks.base.Task, and
+# CapFilt in blip.inference.capfilt), importing `blip` registers the library's.
+OPTIONS: dict[str, type] = {}
+
+
+def register_options(names, options_cls: type) -> None:
+    """`options_cls` (a dataclass; its fields' metadata may say `choices` and `at_least`) holds the own keys of the
+    tasks called `names`."""
+    for name in names:
+        known = OPTIONS.setdefault(name, options_cls)
+        if known is not options_cls and known.__qualname__ != options_cls.__qualname__:
+            raise ValueError(f"task {name!r}: options registered twice ({known.__qualname__}, "
+                             f"{options_cls.__qualname__})")
+        OPTIONS[name] = options_cls
+
+
+def option(default, *, choices: tuple | None = None, at_least: int | None = None, path: str | None = None, **kw):
+    """A task option's field: its default, the values it admits (checked when a config is read) and, for a path,
+    what it names ('folder' | 'file': the runner checks it exists before anything is written)."""
+    metadata = {k: v for k, v in (("choices", choices), ("at_least", at_least), ("path", path)) if v is not None}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
 @dataclass
 class Config:
     # --- what to run ---------------------------------------------------------------------------
-    task: str = ""                      # pretrain | retrieval | caption | nocaps | vqa | nlvr | capfilt (checked)
+    task: str = ""                      # a registered task name (OPTIONS): pretrain, retrieval, caption, nocaps, vqa, ...
     seed: int = 42                      # the original's --seed default
     output_dir: str = "output"
     # --- data (original keys) ------------------------------------------------------------------
@@ -62,21 +90,9 @@ class Config:
     ann_root: str = "annotation"
     dataset: str = ""                   # retrieval: 'coco' | 'flickr'; caption: 'coco' (or a name in ann_files)
     ann_files: dict | None = None       # more datasets in a known format: {name: 'name_{}.json'} ('{}' = the split)
-    train_file: list[str] = field(default_factory=list)   # pretraining JSON files
-    text_file: list[str] = field(default_factory=list)    # X-FM's text stream: JSON lists of {caption}, or .txt files
-    image_file: list[str] = field(default_factory=list)   # X-FM's image stream: JSON lists of {image}
-    laion_path: str = ""
-    train_num_samples: int | None = None  # shards: samples per epoch (None: counted once), as open_clip's flag
-    shard_shuffle_buffer: int = 1000    # shards: samples in the seeded shuffle buffer
-    dataset_resampled: bool = False     # shards: draw shards with replacement (every rank the same steps)
-    train_files: list[str] = field(default_factory=list)  # VQA: vqa_train, vqa_val, vg_qa
-    vqa_root: str = ""
-    vg_root: str = ""
-    coco_gt_root: str = ""
     max_words: int = 30                 # caption words kept by the datasets' pre_caption
     num_workers: int = 4
     shapes: dict | None = None          # data.shapes.generate_shapes_world(**shapes) arguments
-    shapes_ve: dict | None = None       # data.shapes_ve.generate_ve_set(**shapes_ve) arguments (train_ve.py)
     crop_scale: list[float] | None = None  # RandomResizedCrop scale; None: (0.2, 1) pretraining, (0.5, 1) others
     hflip: bool = True                  # off where captions name left/right (the shapes world)
     randaugment: bool = True            # RandAugment(2, 5) in training transforms; off for tiny from-scratch runs
@@ -85,7 +101,6 @@ class Config:
     # the top level of a YAML file as the original's. Only those the file or --set gives are kept here: they
     # override a checkpoint's stored description key by key; the rest come from it (or ModelConfig's defaults).
     model: dict = field(default_factory=dict)
-    xfm: dict | None = None             # X-FM's sizes: XFMConfig keys over the `preset` (blip.models.xfm)
     pretrained: str = ""                # checkpoint path to initialise from ('' = none)
     init: dict | None = None            # unimodal start (blip.models.pretrained): {vision: FILE|DIR, text: BERT DIR}
     # --- optimisation ----------------------------------------------------------------------------
@@ -100,8 +115,6 @@ class Config:
     batch_size: int = 32                # per GPU, when the task has one batch size
     batch_size_train: int | None = None  # per GPU; None: batch_size
     batch_size_test: int | None = None
-    batch_size_streams: dict | None = None  # per GPU, per stream of a task that reads several (X-FM: {text: 64});
-    #                                     a stream not named: batch_size_train
     loss_weights: dict | None = None    # e.g. {loss_lm: 0.1}; None: every loss weighs 1, as the original
     grad_accum_steps: int = 1
     grad_clip: float | None = None      # max grad norm; None: no clipping (as the original)
@@ -111,37 +124,10 @@ class Config:
     deterministic: bool = False         # bit-identical runs and resumes (see blip.training.determinism), at a cost
     save_every_steps: int = 0           # 0: checkpoint at epoch ends only
     log_every: int = 50                 # the original's print_freq
-    # --- contrastive / momentum ------------------------------------------------------------------
-    alpha: float = 0.4
-    hard_negatives: dict | None = None  # NegCLIP: {captions: 3, images: 3} in retrieval/pretraining (blip.data.negatives)
-    # --- evaluation / generation ---------------------------------------------------------------
-    k_test: int = 256
-    rerank_precision: str = "fp32"      # retrieval evaluation's ITM re-rank: 'fp32' (the original) | 'bf16' | 'tf32'
-    max_length: int = 20
-    min_length: int = 5
-    num_beams: int = 3
-    repetition_penalty: float = 1.0     # the NoCaps script uses 1.1
-    meteor: bool = True                 # caption evaluation scores METEOR (a Java process, ~10 s a call)
-    score_captions: bool = True         # caption evaluation scores its captions (PTB tokenizer: Java); false: the
-    #                                     result files only (a machine without Java, e.g. a GPU image)
-    inference: str = "rank"             # VQA: 'rank' | 'generate'
-    # --- CapFilt (capfilt.py): captioner + filter over web pairs -----------------------------------
-    captioner: str = ""                 # caption checkpoint writing the synthetic captions
-    filter: str = ""                    # ITM checkpoint scoring every text against its image
-    filter_task: str = "retrieval"      # the filter's ITM first token: 'retrieval' [ENC] | 'itm' [CLS]
-    num_captions: int = 1               # synthetic captions per image (nucleus sampling)
-    top_p: float = 0.9
-    filter_threshold: float = 0.5       # keep a text when its ITM match probability >= this
-    shard_size: int = 1000              # pairs per resumable work unit
-    noise_file: str = ""                # optional per-pair booleans (True = wrong caption): filter P/R
+    # --- the task's own keys ------------------------------------------------------------------
+    options: Any = None                 # an OPTIONS[task] instance (None: a config without a task)
 
     def __post_init__(self):
-        from ..data.negatives import HardNegatives
-        HardNegatives.from_config(self.hard_negatives)  # a misspelled option is refused here, with its name
-        bad = {k: v for k, v in (self.batch_size_streams or {}).items()
-               if isinstance(v, bool) or not isinstance(v, int) or v < 1}
-        if bad:
-            raise ValueError(f"config key 'batch_size_streams': batch sizes are positive integers, got {bad}")
         unknown = sorted(set(self.init or {}) - {"vision", "text"})
         if unknown:
             raise ValueError(f"config key 'init': unknown key(s) {unknown}; known: ['vision', 'text']")
@@ -164,66 +150,98 @@ class Config:
                               schedule=schedule, record=self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat, as the YAML files: the model options at the top level."""
+        """Flat, as the YAML files: the model options and the task's at the top level."""
         d = dataclasses.asdict(self)
-        return {**{k: v for k, v in d.items() if k != "model"}, **d["model"]}
+        return {**{k: v for k, v in d.items() if k not in ("model", "options")}, **(d["options"] or {}), **d["model"]}
+
+    def options_for(self, options_cls: type):
+        """This config's section for a task whose keys are `options_cls`: its own (a config read for that task),
+        else the defaults (a config without a task: tests, benchmarks); a config read for another task is refused."""
+        if self.options is None:
+            return options_cls()
+        if not isinstance(self.options, options_cls):
+            raise ValueError(f"the config was read for task {self.task!r} ({type(self.options).__qualname__}), "
+                             f"not for one with {options_cls.__qualname__}")
+        return self.options
 
 
 # `task` is checked by the task that runs the config (blip.tasks.Task): a new task needs no edit here.
-_CHOICES = {"vit": ("base", "large"), "precision": PRECISIONS, "rerank_precision": PRECISIONS,
-            "inference": ("rank", "generate"), "filter_task": ("retrieval", "itm"),
-            "schedule": (None, *SCHEDULES), "preset": tuple(PRESETS)}
+_CHOICES = {"vit": ("base", "large"), "precision": PRECISIONS, "schedule": (None, *SCHEDULES),
+            "preset": tuple(PRESETS)}
 # counts that divide or size something: 0 would fail far from the config (a ZeroDivisionError in the engine)
 _AT_LEAST = {"batch_size": 1, "batch_size_train": 1, "batch_size_test": 1, "grad_accum_steps": 1, "max_epoch": 0,
-             "num_workers": 0, "log_every": 1, "save_every_steps": 0, "shard_size": 1, "k_test": 1, "num_beams": 1,
-             "num_captions": 1, "max_words": 1}
+             "num_workers": 0, "log_every": 1, "save_every_steps": 0, "max_words": 1}
 _yaml = YAML(typ="safe")
-_CONFIG_KEYS = {f.name for f in dataclasses.fields(Config)} - {"model"}
+_CONFIG_KEYS = {f.name for f in dataclasses.fields(Config)} - {"model", "options"}
 
 
-def _hints(name: str):
-    if name in MODEL_KEYS:
-        return str | None if name == "preset" else typing.get_type_hints(ModelConfig)[name]
-    return typing.get_type_hints(Config)[name]
+@dataclasses.dataclass(frozen=True)
+class _Schema:
+    """Where each key of a config for one task goes: Config, the model's dict, or the task's section."""
+    task: str
+    options: type | None
+
+    @property
+    def option_keys(self) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(self.options)} if self.options else {}
+
+    def owner(self, key: str, where: str) -> str:
+        if key in _CONFIG_KEYS:
+            return "config"
+        if key in MODEL_KEYS:
+            return "model"
+        if key in self.option_keys:
+            return "options"
+        raise self.unknown(key, where)
+
+    def unknown(self, key: str, where: str) -> ValueError:
+        close = difflib.get_close_matches(key, sorted(_CONFIG_KEYS | MODEL_KEYS | set(self.option_keys)), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        owners = sorted(t for t, cls in OPTIONS.items() if key in {f.name for f in dataclasses.fields(cls)})
+        if owners and not self.task:
+            hint = f": a key of task {', '.join(owners)}; the config names no `task:`"
+        elif owners:
+            hint = f": task {self.task!r} has no such key (task {', '.join(owners)} has)"
+        elif self.task and self.options is None:
+            hint += f"; task {self.task!r} is not a known task ({', '.join(sorted(OPTIONS))})"
+        return ValueError(f"{where}: unknown config key '{key}'{hint}")
+
+    def hint(self, name: str):
+        if name in MODEL_KEYS:
+            return str | None if name == "preset" else typing.get_type_hints(ModelConfig)[name]
+        if name in _CONFIG_KEYS:
+            return typing.get_type_hints(Config)[name]
+        return typing.get_type_hints(self.options)[name]
+
+    def rules(self, name: str) -> tuple[tuple | None, int | None]:
+        meta = self.option_keys[name].metadata if name in self.option_keys else {}
+        return meta.get("choices", _CHOICES.get(name)), meta.get("at_least", _AT_LEAST.get(name))
+
+    def check(self, name: str, value: Any, where: str) -> Any:
+        """Light type check; ints are accepted (and converted) where floats are expected."""
+        hint = self.hint(name)
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        allowed = tuple(type(None) if a is type(None) else (typing.get_origin(a) or a) for a in args)
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if not ok and float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            names = " | ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise TypeError(f"{where}: config key '{name}' expects {names}, got {value!r}")
+        choices, at_least = self.rules(name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"{where}: config key '{name}' must be one of {choices}, got {value!r}")
+        if at_least is not None and value is not None and value < at_least:
+            raise ValueError(f"{where}: config key '{name}' must be at least {at_least}, got {value!r}")
+        return value
 
 
-def _allowed_types(name: str) -> tuple[type, ...]:
-    hint = _hints(name)
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    return tuple(type(None) if a is type(None) else (typing.get_origin(a) or a) for a in args)
-
-
-def _check(name: str, value: Any, where: str) -> Any:
-    """Light type check; ints are accepted (and converted) where floats are expected."""
-    allowed = _allowed_types(name)
-    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-    if not ok and float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        names = " | ".join("null" if t is type(None) else t.__name__ for t in allowed)
-        raise TypeError(f"{where}: config key '{name}' expects {names}, got {value!r}")
-    if name in _CHOICES and value not in _CHOICES[name]:
-        raise ValueError(f"{where}: config key '{name}' must be one of {_CHOICES[name]}, got {value!r}")
-    if name in _AT_LEAST and value is not None and value < _AT_LEAST[name]:
-        raise ValueError(f"{where}: config key '{name}' must be at least {_AT_LEAST[name]}, got {value!r}")
-    return value
-
-
-def _unknown(key: str, where: str) -> ValueError:
-    close = difflib.get_close_matches(key, sorted(_CONFIG_KEYS | MODEL_KEYS), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ValueError(f"{where}: unknown config key '{key}'{hint}")
-
-
-def _set(values: dict[str, Any], key: str, value: Any, where: str) -> None:
-    """Set `key` (or `field.subkey` inside a dict-valued field such as med_config); model keys go to 'model'."""
+def _set(values: dict[str, Any], key: str, value: Any, where: str, schema: _Schema) -> None:
+    """Set `key` (or `field.subkey` inside a dict-valued field such as med_config) in its owner's dict."""
     name, _, sub = key.partition(".")
-    if name in MODEL_KEYS:
-        values = values["model"]
-    elif name not in _CONFIG_KEYS:
-        raise _unknown(name, where)
+    values = values[schema.owner(name, where)]
     if not sub:
-        values[name] = _check(name, value, where)
+        values[name] = schema.check(name, value, where)
         return
     node = values.get(name)
     if node is None:
@@ -248,20 +266,25 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Read a YAML config (None: defaults only), then apply `key=value` overrides in order."""
-    values = dataclasses.asdict(Config())
+    """Read a YAML config (None: defaults only), then apply `key=value` overrides in order. The task (the file's
+    `task:`, or a `--set task=...`) says whose own keys the config may hold: they go to `Config.options`."""
+    data = {}
     if path is not None:
         data = _yaml.load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config file must be a mapping of keys to values")
-        for key, value in data.items():
-            target = values["model"] if key in MODEL_KEYS else values
-            if key not in _CONFIG_KEYS and key not in MODEL_KEYS:
-                raise _unknown(str(key), str(path))
-            target[key] = _check(key, value, str(path))
-    for text in overrides:
-        _set(values, *parse_override(text), where="--set")
-    return Config(**values)
+    sets = [parse_override(text) for text in overrides]
+    task = next((v for k, v in reversed(sets) if k == "task"), data.get("task", ""))
+    schema = _Schema(str(task or ""), OPTIONS.get(task) if isinstance(task, str) else None)
+    config = {f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)}
+    values = {"config": config, "model": config["model"], "options": {}}
+    for key, value in data.items():
+        owner = schema.owner(str(key), str(path))
+        values[owner][key] = schema.check(key, value, str(path))
+    for key, value in sets:
+        _set(values, key, value, "--set", schema)
+    options = schema.options(**values["options"]) if schema.options else None
+    return Config(**{**config, "options": options})
 
 
 def config_to_yaml(cfg: Config) -> str:

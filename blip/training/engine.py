@@ -111,9 +111,6 @@ def setup(task, model, dataset, out_dir, resume=None, device=None) -> Run:
     neighbours = task.image_neighbours(model, primary, out_dir, resume_dir)  # before the resumed weights load
     if isinstance(dataset, dict):  # several streams, one micro-batch of each per micro-step
         data = Streams(dataset, cfg, task.collate(model), device, neighbours, batch_sizes=task.stream_batch_sizes())
-    elif task.stream_batch_sizes():
-        raise ValueError(f"config key 'batch_size_streams' names streams {sorted(task.stream_batch_sizes())}, but "
-                         f"{type(task).__name__} trains on one dataset: use batch_size")
     else:
         data = EpochData(dataset, cfg, task.collate(model), device, neighbours)
     if cfg.compile:  # the training forward (the losses, momentum encoders included) and its backward

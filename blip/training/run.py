@@ -7,6 +7,7 @@ the task's model → fine-tune with the engine (or --evaluate only) → evaluati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import torch
 
 from .. import distributed as dist
 from ..models.checkpoint import move_aside
-from .config import add_config_args, config_from_args, save_config
+from .config import Config, add_config_args, config_from_args, save_config
 from ..errors import OutputExistsError
 
 
@@ -77,7 +78,7 @@ def check_config(cfg, path, tasks=(), required=()):
                          f"`task: {tasks[0]}`" + (f" (or {', '.join(tasks[1:])})" if tasks[1:] else "")
                          + "; start from one of configs/*.yaml")
     for key in required:
-        if not getattr(cfg, key):
+        if not cfg_value(cfg, key):
             raise ValueError(f"{path}: config key '{key}' is empty: task {cfg.task or tasks[0]!r} needs it")
 
 
@@ -85,18 +86,26 @@ def check_inputs(cfg, resume=None, reads_roots=False):
     """The files and folders the config names exist (each named once, by its key), before anything is written.
     reads_roots: the task reads annotation files under ann_root and images under the roots (pretraining's JSON
     lists name their images themselves)."""
-    for key in ("image_root", "ann_root", "vqa_root", "vg_root", "coco_gt_root") if reads_roots else ():
-        value = getattr(cfg, key)
+    paths = {"image_root": "folder", "ann_root": "folder", "pretrained": "file"}
+    paths.update({f.name: f.metadata["path"] for f in dataclasses.fields(cfg.options or Config())
+                  if "path" in f.metadata})
+    for key in (k for k, kind in paths.items() if kind == "folder") if reads_roots else ():
+        value = cfg_value(cfg, key)
         if value and not Path(value).is_dir():
             raise FileNotFoundError(f"config key '{key}': no folder {value}")
-    for key in ("pretrained", "captioner", "filter"):
-        value = getattr(cfg, key)
+    for key in (k for k, kind in paths.items() if kind == "file"):
+        value = cfg_value(cfg, key)
         if value and not Path(value).exists():
-            raise FileNotFoundError(f"config key '{key}': checkpoint not found: {value}")
+            raise FileNotFoundError(f"config key '{key}': no file {value}")
     if resume and resume != "latest" and not Path(resume).exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {resume}")
     if resume == "latest" and not (Path(cfg.output_dir) / "checkpoint_latest.pt").exists():
         raise FileNotFoundError(f"--resume latest: no checkpoint_latest.pt in {cfg.output_dir}")
+
+
+def cfg_value(cfg, key: str):
+    """A key's value, the config's own or its task's (None where neither has it)."""
+    return getattr(cfg, key) if hasattr(cfg, key) else getattr(cfg.options, key, None)
 
 
 def holds_run(out: Path) -> bool:
