@@ -19,30 +19,11 @@ from ..data.tokenizer import CLS_ID, DEC_ID, ENC_ID, PAD_ID, first_token_as
 from .base import BlipModel, MomentumMixin
 
 
-class BlipITM(BlipModel):
-    task = "itm"
-    transformers_class = "BlipForImageTextRetrieval"
-    itm_first_token = CLS_ID  # the original's standalone ITM model keeps [CLS] first
-    text_max_length = 35
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        tcfg = self.text_cfg()
-        self.text_encoder = TextModel(tcfg)
-        self.vision_proj = nn.Linear(self.vision_cfg.width, cfg.embed_dim)
-        self.text_proj = nn.Linear(tcfg.hidden_size, cfg.embed_dim)
-        self.itm_head = nn.Linear(tcfg.hidden_size, 2)
-
-    # -- features -------------------------------------------------------------------------------
-    def image_features(self, pixel_values):
-        """(image token embeddings [B, N, w], normalised projected [CLS] feature [B, embed_dim])."""
-        image_embeds = self.visual_encoder(pixel_values)
-        return image_embeds, F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
-
-    def text_features(self, texts, max_length=None):
-        """(ids, mask, normalised projected [CLS] feature) of the text-only encoder."""
-        ids, mask = self.tokenize(texts, max_length=max_length or self.text_max_length)
-        return ids, mask, self.encode_text(ids, mask)
+class RetrievalProtocol:
+    """The retrieval protocol every model with ITC features and an ITM head shares (BLIP's, X-FM's): a gallery's
+    texts encoded once, ITC top-k, ITM re-rank, the ITM matrix. A model gives `image_features(pixel_values)` ->
+    (tokens, feature), `text_features(texts)` -> (ids, mask, feature), `itm_logits(image_embeds, ids, mask,
+    image_index=None)`, `itm_first_token` and `text_max_length`."""
 
     def encode_texts(self, texts, *, first_token=None, chunk=256, width=None):
         """(ids, mask, float32 ITC features) of many texts, tokenized and encoded `chunk` at a time and padded to one
@@ -57,18 +38,6 @@ class BlipITM(BlipModel):
         ids = torch.cat([F.pad(i, (0, width - i.shape[1])) for i in ids])
         mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for m in mask])
         return (ids if first_token is None else first_token_as(ids, first_token)), mask, torch.cat(feats)
-
-    def encode_text(self, ids, mask):
-        """Normalised projected [CLS] feature of tokenized texts ([CLS] first)."""
-        return F.normalize(self.text_proj(self.text_encoder(ids, mask)[:, 0]), dim=-1)
-
-    def itm_logits(self, image_embeds, ids, mask, image_index=None):
-        """ITM head over paired rows: ids[i] with image_embeds[i], or with image_embeds[image_index[i]]
-        (then each image's cross-attention K/V are projected once, however many texts it is paired with)."""
-        if image_index is None:
-            return self.itm_head(self.text_encoder(ids, mask, image_embeds)[:, 0])
-        kv = self.text_encoder.cross_kv(image_embeds, index=image_index)
-        return self.itm_head(self.text_encoder(ids, mask, cross_kv=kv)[:, 0])
 
     def itm_matrix(self, image_embeds, ids, mask, pairs_per_call=128):
         """ITM match probability [n_images, n_texts] for every image × every text, the image tokens encoded once
@@ -90,36 +59,6 @@ class BlipITM(BlipModel):
                 logits = self.itm_logits(image_embeds[i:i + 1], ids[t], mask[t], image_index=index)
                 out[i, t] = logits.float().softmax(-1)[:, 1]
         return out
-
-    # -- inference API ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def itm_score(self, pixel_values, texts, image_index=None, first_token=None):
-        """Match probability of text i with image i, or with image image_index[i] (the ViT runs once per image
-        however many texts it has). `first_token`: [CLS] or [ENC] in place of the model's own (itm_first_token)."""
-        image_embeds = self.visual_encoder(pixel_values)
-        if image_index is not None:
-            image_embeds = image_embeds[torch.as_tensor(image_index, device=image_embeds.device)]
-        first = self.itm_first_token if first_token is None else first_token
-        ids, mask = self.tokenize(texts, max_length=self.text_max_length, first_token=first)
-        return self.itm_logits(image_embeds, ids, mask).float().softmax(-1)[:, 1]
-
-    @torch.no_grad()
-    def itc_similarity(self, pixel_values, texts):
-        """Cosine similarity of the projected [CLS] features, images × texts (no temperature)."""
-        _, image_feat = self.image_features(pixel_values)
-        return image_feat @ self.text_features(texts)[2].t()
-
-    @torch.no_grad()
-    def extract_features(self, pixel_values=None, texts=None, mode="multimodal"):
-        """The original feature extractor: 'image' → ViT tokens, 'text' → text-encoder states,
-        'multimodal' → text ([ENC] first) cross-attending to the image (pairs)."""
-        if mode == "image":
-            return self.visual_encoder(pixel_values)
-        if mode == "text":
-            ids, mask = self.tokenize(texts)
-            return self.text_encoder(ids, mask)
-        ids, mask = self.tokenize(texts, first_token=ENC_ID)
-        return self.text_encoder(ids, mask, self.visual_encoder(pixel_values))
 
     @torch.no_grad()
     def retrieval_scores(self, pixel_values=None, texts=None, k_test=256, *, image_embeds=None, image_feat=None,
@@ -184,6 +123,73 @@ class BlipITM(BlipModel):
         out.scatter_(1, top_idx, scores.view(-1, k) + top_sim)
         return out
 
+
+class BlipITM(RetrievalProtocol, BlipModel):
+    task = "itm"
+    transformers_class = "BlipForImageTextRetrieval"
+    itm_first_token = CLS_ID  # the original's standalone ITM model keeps [CLS] first
+    text_max_length = 35
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        tcfg = self.text_cfg()
+        self.text_encoder = TextModel(tcfg)
+        self.vision_proj = nn.Linear(self.vision_cfg.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(tcfg.hidden_size, cfg.embed_dim)
+        self.itm_head = nn.Linear(tcfg.hidden_size, 2)
+
+    # -- features -------------------------------------------------------------------------------
+    def image_features(self, pixel_values):
+        """(image token embeddings [B, N, w], normalised projected [CLS] feature [B, embed_dim])."""
+        image_embeds = self.visual_encoder(pixel_values)
+        return image_embeds, F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_features(self, texts, max_length=None):
+        """(ids, mask, normalised projected [CLS] feature) of the text-only encoder."""
+        ids, mask = self.tokenize(texts, max_length=max_length or self.text_max_length)
+        return ids, mask, self.encode_text(ids, mask)
+
+    def encode_text(self, ids, mask):
+        """Normalised projected [CLS] feature of tokenized texts ([CLS] first)."""
+        return F.normalize(self.text_proj(self.text_encoder(ids, mask)[:, 0]), dim=-1)
+
+    def itm_logits(self, image_embeds, ids, mask, image_index=None):
+        """ITM head over paired rows: ids[i] with image_embeds[i], or with image_embeds[image_index[i]]
+        (then each image's cross-attention K/V are projected once, however many texts it is paired with)."""
+        if image_index is None:
+            return self.itm_head(self.text_encoder(ids, mask, image_embeds)[:, 0])
+        kv = self.text_encoder.cross_kv(image_embeds, index=image_index)
+        return self.itm_head(self.text_encoder(ids, mask, cross_kv=kv)[:, 0])
+
+    # -- inference API ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def itm_score(self, pixel_values, texts, image_index=None, first_token=None):
+        """Match probability of text i with image i, or with image image_index[i] (the ViT runs once per image
+        however many texts it has). `first_token`: [CLS] or [ENC] in place of the model's own (itm_first_token)."""
+        image_embeds = self.visual_encoder(pixel_values)
+        if image_index is not None:
+            image_embeds = image_embeds[torch.as_tensor(image_index, device=image_embeds.device)]
+        first = self.itm_first_token if first_token is None else first_token
+        ids, mask = self.tokenize(texts, max_length=self.text_max_length, first_token=first)
+        return self.itm_logits(image_embeds, ids, mask).float().softmax(-1)[:, 1]
+
+    @torch.no_grad()
+    def itc_similarity(self, pixel_values, texts):
+        """Cosine similarity of the projected [CLS] features, images × texts (no temperature)."""
+        _, image_feat = self.image_features(pixel_values)
+        return image_feat @ self.text_features(texts)[2].t()
+
+    @torch.no_grad()
+    def extract_features(self, pixel_values=None, texts=None, mode="multimodal"):
+        """The original feature extractor: 'image' → ViT tokens, 'text' → text-encoder states,
+        'multimodal' → text ([ENC] first) cross-attending to the image (pairs)."""
+        if mode == "image":
+            return self.visual_encoder(pixel_values)
+        if mode == "text":
+            ids, mask = self.tokenize(texts)
+            return self.text_encoder(ids, mask)
+        ids, mask = self.tokenize(texts, first_token=ENC_ID)
+        return self.text_encoder(ids, mask, self.visual_encoder(pixel_values))
 
 class _Contrastive(MomentumMixin, BlipITM):
     """ITC (momentum encoders + queues) and ITM with hard negatives: shared by retrieval and pretraining.

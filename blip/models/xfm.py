@@ -11,6 +11,9 @@ Objectives (the original's names): text-only `loss_mlm` on the language encoder;
 Stop-gradient: the language encoder's output is detached before the fusion encoder, so it learns from text MLM and
 ITC only; image tokens are not detached. The masks (whole-word MLM, BEiT block MIM) are made on the host, by a
 collate: `mlm_mask`, `block_mask`.
+
+Fine-tuned for retrieval (`retrieval_losses`: ITC + ITM, every encoder learning), X-FM runs the retrieval protocol of
+BLIP's models (blip.models.retrieval.RetrievalProtocol: ITC top-k, ITM re-rank on the fusion encoder).
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .losses import draw_hard_negatives, itm_pairs
+from .retrieval import RetrievalProtocol
 from .med import Encoder, LMPrediction, TextConfig, TextModel, additive_mask, init_bert_weights
-from ..data.tokenizer import CLS_ID, DEC_ID, ENC_ID, MASK_ID, PAD_ID, SEP_ID, VOCAB_SIZE, get_tokenizer
+from ..data.tokenizer import CLS_ID, DEC_ID, ENC_ID, MASK_ID, PAD_ID, SEP_ID, VOCAB_SIZE, get_tokenizer, tokenize
 from .vit import VisionConfig, build_vit
 
 MIM_RATIO = 75 / 196  # X-FM masks 75 of the 196 patches at 224 / 16
@@ -196,17 +200,30 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
 
-def itc_loss_xfm(image_feat: torch.Tensor, text_feat: torch.Tensor, temp) -> torch.Tensor:
-    """Symmetric InfoNCE of normalised features, row i of each the positive of row i of the other (no queues)."""
+def same_image(idx: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """[n, n] True where rows i and j are pairs of one image (`idx`: each row's image index; None: the diagonal)."""
+    if idx is None:
+        return torch.eye(n, dtype=torch.bool, device=device)
+    return idx.view(-1, 1) == idx.view(1, -1)
+
+
+def itc_loss_xfm(image_feat: torch.Tensor, text_feat: torch.Tensor, temp, idx=None) -> torch.Tensor:
+    """Symmetric InfoNCE of normalised features (no queues): row i of each the positive of row i of the other, or,
+    given `idx` (retrieval fine-tuning: each caption's image index), of every row of the same image, the target
+    spread evenly over them (X-VLM's / X-FM's fine-tuning)."""
     logits = image_feat.float() @ text_feat.float().t() / temp
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    positives = same_image(idx, len(logits), logits.device).float()
+    targets = positives / positives.sum(1, keepdim=True)
+    i2t = -(F.log_softmax(logits, 1) * targets).sum(1).mean()
+    t2i = -(F.log_softmax(logits.t(), 1) * targets).sum(1).mean()  # same_image is symmetric: targets.t() = targets
+    return (i2t + t2i) / 2
 
 
-def hard_negative_weights(sim: torch.Tensor) -> torch.Tensor:
-    """X-FM's negative-sampling weights of a similarity matrix: softmax + 1e-5 per row, the positive (diagonal) 0."""
+def hard_negative_weights(sim: torch.Tensor, idx=None) -> torch.Tensor:
+    """X-FM's negative-sampling weights of a similarity matrix: softmax + 1e-5 per row, the positives 0 (the
+    diagonal; given `idx`, every pair of the same image)."""
     w = F.softmax(sim.float(), dim=1) + 1e-5
-    return w.fill_diagonal_(0)
+    return w.masked_fill(same_image(idx, len(w), w.device), 0)
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -225,11 +242,12 @@ def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> to
 
 # -- the model ------------------------------------------------------------------------------------------------------
 
-class XFM(nn.Module):
+class XFM(RetrievalProtocol, nn.Module):
     task = "xfm"                # blip.load_model's name; saved with the weights (blip.models.checkpoint)
     config_class = XFMConfig    # what load_model builds its description with (BLIP's models: ModelConfig)
     fresh_keys: tuple[str, ...] = ()
     text_max_length = 35        # tokens of a training text, as BLIP's pretraining
+    itm_first_token = CLS_ID    # the fusion encoder reads the language encoder's states, [CLS] first
 
     def __init__(self, cfg: XFMConfig):
         super().__init__()
@@ -278,6 +296,27 @@ class XFM(nn.Module):
             x, _ = layer(x, self_mask, image_embeds)
         return x
 
+    # -- the retrieval protocol's (RetrievalProtocol) --------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.temp.device
+
+    def image_features(self, pixel_values):
+        """(vision tokens, ITC feature)."""
+        image_embeds = self.encode_image(pixel_values)
+        return image_embeds, self.image_feat(image_embeds)
+
+    def text_features(self, texts, max_length=None):
+        """(ids, mask, ITC feature) of the language encoder."""
+        ids, mask = tokenize(texts, max_length=max_length or self.text_max_length, device=self.device)
+        return ids, mask, self.text_feat(self.encode_text(ids, mask))
+
+    def itm_logits(self, image_embeds, ids, mask, image_index=None):
+        """The ITM head over paired rows: ids[i] with image_embeds[i], or with image_embeds[image_index[i]]."""
+        if image_index is not None:
+            image_embeds = image_embeds[image_index]
+        return self.itm_head(self.fuse(self.encode_text(ids, mask), mask, image_embeds)[:, 0])
+
     def image_feat(self, image_embeds):
         """The normalised projected [CLS] feature of each image, ITC's."""
         return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
@@ -301,21 +340,23 @@ class XFM(nn.Module):
         """Text-only MLM on the language encoder."""
         return self._mlm(self.encode_text(masked_ids, mask), labels, self.mlm_head, positions)
 
-    def loss_itc(self, image_embeds, text_hidden):
+    def loss_itc(self, image_embeds, text_hidden, idx=None):
         """ITC; the temperature parameter is clamped to [0.001, 0.5] in place first (the original, each step)."""
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        return itc_loss_xfm(*self.features(image_embeds, text_hidden), self.temp)
+        return itc_loss_xfm(*self.features(image_embeds, text_hidden), self.temp, idx)
 
-    def loss_itm(self, image_embeds, text_hidden, mask, *, generator=None):
+    def loss_itm(self, image_embeds, text_hidden, mask, *, idx=None, detach_text=True, generator=None):
         """ITM over b pairs, b (text, hard negative image), b (hard negative text, image); negatives drawn by the ITC
-        similarity softmax. The language encoder's states are detached (stop-gradient), the image tokens are not."""
+        similarity softmax (never a pair of the same image, `idx`). `detach_text`: the language encoder's states are
+        detached (pretraining's stop-gradient); the image tokens never are."""
         with torch.no_grad():
             image_feat, text_feat = self.features(image_embeds, text_hidden)
             # clamped out of place: changing the parameter after ITC has used it would break ITC's backward
             sim = image_feat @ text_feat.t() / self.temp.clamp(0.001, 0.5)
-            negatives = draw_hard_negatives(hard_negative_weights(sim.t()), hard_negative_weights(sim), generator)
-        hidden = text_hidden.detach()
+            negatives = draw_hard_negatives(hard_negative_weights(sim.t(), idx), hard_negative_weights(sim, idx),
+                                            generator)
+        hidden = text_hidden.detach() if detach_text else text_hidden
         # itm_pairs gathers rows of any tensor: here the text rows are hidden states, not ids
         images, hidden, mask, labels = itm_pairs(image_embeds, hidden, mask, neg_image_for_text=negatives[0],
                                                  neg_text_for_image=negatives[1], neg_image_embeds=image_embeds,
@@ -346,10 +387,21 @@ class XFM(nn.Module):
                 "loss_mlm": self.loss_fused_mlm(mlm_ids, mask, mlm_labels, image_embeds, mlm_positions),
                 "loss_mim": self.loss_mim(images, patch_mask, target=image_embeds)}
 
-    def forward(self, pairs=None, text=None, images=None, *, generator=None) -> dict:
+    def retrieval_losses(self, images, ids, mask, idx=None, *, generator=None) -> dict:
+        """Retrieval fine-tuning's objectives: ITC (the captions of one image, `idx`, all positives) and ITM on hard
+        negatives, every encoder learning (the stop-gradient is pretraining's)."""
+        image_embeds, text_hidden = self.encode_image(images), self.encode_text(ids, mask)
+        return {"loss_itc": self.loss_itc(image_embeds, text_hidden, idx),
+                "loss_itm": self.loss_itm(image_embeds, text_hidden, mask, idx=idx, detach_text=False,
+                                          generator=generator)}
+
+    def forward(self, pairs=None, text=None, images=None, *, retrieval=None, generator=None) -> dict:
         """The losses of one micro-step over the streams it has (blip.data.batches): `pairs` (MaskedPairBatch) ->
         loss_itc, loss_itm, loss_mlm, loss_mim; `text` (MaskedTextBatch) -> loss_text_mlm; `images`
-        (MaskedImageBatch) -> loss_image_mim."""
+        (MaskedImageBatch) -> loss_image_mim; `retrieval` (PairBatch, fine-tuning) -> loss_itc, loss_itm."""
+        if retrieval is not None:
+            return self.retrieval_losses(retrieval.images, retrieval.ids, retrieval.mask, retrieval.idx,
+                                         generator=generator)
         losses = {}
         if pairs is not None:
             losses.update(self.pair_losses(pairs.images, pairs.ids, pairs.mask, mlm_ids=pairs.mlm_ids,

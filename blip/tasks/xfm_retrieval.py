@@ -1,0 +1,43 @@
+"""X-FM retrieval fine-tuning (COCO / Flickr30k Karpathy splits, or any dataset of that format): ITC with the
+captions of one image as positives + ITM on hard negatives over the fusion encoder, every encoder learning; the
+retrieval protocol of BLIP's models (ITC top-k, ITM re-rank, recall@1/5/10) on val and test after every epoch, the
+best val r_mean kept. Starts from an X-FM checkpoint (`pretrained`, pretrain_xfm.py's)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..data.batches import PairCollate
+from ..models.factory import load_model
+from ..precision import PRECISIONS
+from ..training.config import option
+from .base import Task
+from .retrieval import RetrievalTask
+
+
+@dataclass
+class XFMRetrievalOptions(Task.Options):
+    k_test: int = option(256, at_least=1)  # ITC candidates the ITM re-ranks
+    rerank_precision: str = option("fp32", choices=PRECISIONS)
+    xfm: dict | None = None             # XFMConfig keys over the checkpoint's description (blip.models.xfm)
+
+
+class XFMRetrievalTask(RetrievalTask):
+    """The data and evaluations of BLIP's retrieval task, X-FM's model and objectives."""
+    Options = XFMRetrievalOptions
+    names = ("xfm_retrieval",)
+    model_task = "xfm"
+
+    def build_model(self):
+        """The X-FM checkpoint of `pretrained` (else a fresh XFM at the config's `preset`), the config's `xfm` keys
+        over its description."""
+        return load_model(self.model_task, self.cfg.pretrained or None,
+                          **{**self.cfg.model, **(self.options.xfm or {})})
+
+    def begin_step(self, model, progress):
+        """No momentum encoders."""
+
+    def collate(self, model):
+        return PairCollate(model.text_max_length, static=self.static)
+
+    def losses(self, forward, batch, progress):
+        return forward(retrieval=batch)
