@@ -2,8 +2,11 @@
 scenes + uncaptioned images (arm B), the same pairs and steps, over seeds; then, for each run:
 
 - retrieval: held-out ITC recall (r_mean) after the last epoch (the task's own evaluation);
+- retrieval fine-tuned: train_xfm_retrieval.py from the run's weights (ITC + ITM, configs/shapes_xfm_retrieval.yaml),
+  test r_mean (ITC top-k + ITM re-rank) at the epoch of best validation r_mean;
 - vision probe: a linear probe on the frozen vision encoder's [CLS] state, reading the shape's kind and colour;
-- text probe: a linear probe on the frozen language encoder's [CLS] state, reading the caption's colour word.
+- text probe: a linear probe on the frozen language encoder's [CLS] state, reading the caption's colour word;
+- text classifier: a head fine-tuned with the language encoder on few captions (FEW_SHOT) for the colour word.
 
 The probes' images and captions are scenes of their own (rendered here from a separate seed, never trained on).
 
@@ -25,11 +28,12 @@ sys.path.insert(0, str(ROOT))
 import blip  # noqa: E402
 from blip.data.batches import texts  # noqa: E402
 from blip.data.transforms import test_transform  # noqa: E402
-from blip.evaluation.probes import linear_probe  # noqa: E402
+from blip.evaluation.probes import fine_tuned_classifier, linear_probe  # noqa: E402
 from data.shapes import COLORS, KINDS, captions, render, sample_scene  # noqa: E402
 
 ARMS = {"A": ["text_file=[]", "image_file=[]"], "B": []}
 PROBE_IMAGE_SIZE = 32  # configs/shapes_xfm.yaml's world
+FEW_SHOT = dict(n=200, epochs=5, lr=1e-4, head_lr=1e-3, batch_size=16)  # the text classifier's, set before measuring
 
 
 def pretrain(arm: str, seed: int, out: Path, sets=()) -> Path:
@@ -39,6 +43,35 @@ def pretrain(arm: str, seed: int, out: Path, sets=()) -> Path:
                         "--output-dir", str(run), "--overwrite", "--set", f"seed={seed}", *sets, *ARMS[arm]],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return run
+
+
+def fine_tune_retrieval(run: Path, seed: int) -> dict:
+    """train_xfm_retrieval.py from `run`'s weights; the test recall of the epoch with the best validation r_mean."""
+    ft = run / "retrieval"
+    if not (ft / "model.safetensors").exists():
+        subprocess.run([sys.executable, str(ROOT / "train_xfm_retrieval.py"), "--config",
+                        str(ROOT / "configs" / "shapes_xfm_retrieval.yaml"), "--output-dir", str(ft), "--overwrite",
+                        "--set", f"seed={seed}", f"pretrained={run / 'model.safetensors'}"],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    evals = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
+    return max((r for r in evals if r["event"] == "eval"), key=lambda r: r["val_r_mean"])
+
+
+def text_classifier(model, probes, seed: int) -> dict:
+    """FEW_SHOT's head fine-tuned with the language encoder on the probe captions' colour word."""
+    (_, _, tr_col, tr_cap), (_, _, te_col, te_cap) = probes
+    n = FEW_SHOT["n"]
+
+    def encode(strings):
+        ids, mask = texts(list(strings), model.text_max_length)
+        return model.encode_text(ids, mask)[:, 0]
+
+    model.train()
+    try:
+        return fine_tuned_classifier(encode, model.text_encoder.parameters(), tr_cap[:n], tr_col[:n], te_cap, te_col,
+                                     seed=seed, **{k: v for k, v in FEW_SHOT.items() if k != "n"})
+    finally:
+        model.eval()
 
 
 def probe_scenes(n: int, seed: int, image_size: int):
@@ -69,17 +102,20 @@ def measure(run: Path | None, probes, seed: int = 0) -> dict:
     if run is None:
         torch.manual_seed(seed)
         model, last = blip.load_model("xfm", preset="tiny", image_size=PROBE_IMAGE_SIZE).eval(), {"r_mean": None}
+        tuned = {"test_r_mean": None}
     else:
         model = blip.load_model(None, run / "model.safetensors").eval()
         evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         last = [r for r in evals if r["event"] == "eval"][-1]
+        tuned = fine_tune_retrieval(run, seed)
     (tr_img, tr_kind, tr_col, tr_cap), (te_img, te_kind, te_col, te_cap) = probes
     tr_v, tr_t = frozen_features(model, tr_img, tr_cap)
     te_v, te_t = frozen_features(model, te_img, te_cap)
-    return {"r_mean": last["r_mean"],
+    return {"r_mean": last["r_mean"], "r_mean_fine_tuned": tuned["test_r_mean"],
             "vision_kind": linear_probe(tr_v, tr_kind, te_v, te_kind),
             "vision_colour": linear_probe(tr_v, tr_col, te_v, te_col),
-            "text_colour": linear_probe(tr_t, tr_col, te_t, te_col)}
+            "text_colour": linear_probe(tr_t, tr_col, te_t, te_col),
+            "text_classifier": text_classifier(model, probes, seed)}
 
 
 def summary(values):
@@ -103,16 +139,18 @@ def main(argv=None):
         results[f"untrained/{seed}"] = measure(None, probes, seed)
     for arm in ARMS:
         for seed in a.seeds:
-            results[f"{arm}/{seed}"] = measure(pretrain(arm, seed, out, a.set), probes)
+            results[f"{arm}/{seed}"] = measure(pretrain(arm, seed, out, a.set), probes, seed)
             print(arm, seed, json.dumps(results[f"{arm}/{seed}"]), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print("\narm | retrieval r_mean | vision kind | vision colour | text colour (mean, min–max over seeds "
-          f"{a.seeds}; probes: % of {a.probe_test} held-out scenes)")
+    print("\narm | retrieval r_mean (ITC) | fine-tuned retrieval r_mean | vision kind | vision colour | text colour | "
+          f"text classifier (mean, min–max over seeds {a.seeds}; probes: % of {a.probe_test} held-out scenes)")
     for arm in ("untrained", *ARMS):
         rows = [results[f"{arm}/{s}"] for s in a.seeds]
-        r_mean = summary([r["r_mean"] for r in rows]) if rows[0]["r_mean"] is not None else "-"
-        print(f"{arm} | {r_mean} | "
-              + " | ".join(summary([r[k]["acc"] for r in rows]) for k in ("vision_kind", "vision_colour", "text_colour")))
+        recall = [summary([r[k] for r in rows]) if rows[0][k] is not None else "-"
+                  for k in ("r_mean", "r_mean_fine_tuned")]
+        print(f"{arm} | " + " | ".join(recall) + " | "
+              + " | ".join(summary([r[k]["acc"] for r in rows])
+                           for k in ("vision_kind", "vision_colour", "text_colour", "text_classifier")))
     first = results[f"A/{a.seeds[0]}"]
     print("majority class:", {k: round(first[k]["majority"], 1) for k in ("vision_kind", "vision_colour", "text_colour")})
 
