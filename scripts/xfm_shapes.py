@@ -4,6 +4,9 @@ scenes + uncaptioned images (arm B), the same pairs and steps, over seeds; then,
 - retrieval: held-out ITC recall (r_mean) after the last epoch (the task's own evaluation);
 - retrieval fine-tuned: train_xfm_retrieval.py from the run's weights (ITC + ITM, configs/shapes_xfm_retrieval.yaml),
   test r_mean (ITC top-k + ITM re-rank) at the epoch of best validation r_mean;
+- VQA fine-tuned: train_xfm_vqa.py from the run's weights (the answer classifier, configs/shapes_xfm_vqa.yaml), test
+  VQA accuracy after the last epoch;
+(both fine-tunes also from random weights, the untrained rows: what pretraining adds);
 - vision probe: a linear probe on the frozen vision encoder's [CLS] state, reading the shape's kind and colour;
 - text probe: a linear probe on the frozen language encoder's [CLS] state, reading the caption's colour word;
 - text classifier: a head fine-tuned with the language encoder on the probe captions (TEXT_CLASSIFIER) for the colour
@@ -48,16 +51,25 @@ def pretrain(arm: str, seed: int, out: Path, sets=()) -> Path:
     return run
 
 
-def fine_tune_retrieval(run: Path, seed: int) -> dict:
-    """train_xfm_retrieval.py from `run`'s weights; the test recall of the epoch with the best validation r_mean."""
-    ft = run / "retrieval"
+def fine_tune(task: str, run: Path, seed: int, pretrained: bool = True) -> list[dict]:
+    """train_xfm_<task>.py on configs/shapes_xfm_<task>.yaml into run/<task>, from the run's weights (else from random
+    weights at the config's preset); its evaluation rows."""
+    ft = run / task
     if not (ft / "model.safetensors").exists():
-        subprocess.run([sys.executable, str(ROOT / "train_xfm_retrieval.py"), "--config",
-                        str(ROOT / "configs" / "shapes_xfm_retrieval.yaml"), "--output-dir", str(ft), "--overwrite",
-                        "--set", f"seed={seed}", f"pretrained={run / 'model.safetensors'}"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        init = [f"pretrained={run / 'model.safetensors'}"] if pretrained else []
+        subprocess.run([sys.executable, str(ROOT / f"train_xfm_{task}.py"), "--config",
+                        str(ROOT / "configs" / f"shapes_xfm_{task}.yaml"), "--output-dir", str(ft), "--overwrite",
+                        "--set", f"seed={seed}", *init], check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     evals = [json.loads(line) for line in (ft / "metrics.jsonl").read_text().splitlines()]
-    return max((r for r in evals if r["event"] == "eval"), key=lambda r: r["val_r_mean"])
+    return [r for r in evals if r["event"] == "eval"]
+
+
+def fine_tuned(run: Path, seed: int, pretrained: bool = True) -> dict:
+    """Retrieval: test r_mean at the epoch of best validation r_mean; VQA: test accuracy after the last epoch."""
+    retrieval = max(fine_tune("retrieval", run, seed, pretrained), key=lambda r: r["val_r_mean"])
+    return {"r_mean_fine_tuned": retrieval["test_r_mean"],
+            "vqa_fine_tuned": fine_tune("vqa", run, seed, pretrained)[-1]["test_acc"]}
 
 
 def text_classifier(model, probes, seed: int) -> dict:
@@ -100,21 +112,21 @@ def frozen_features(model, images, caps, batch=64):
     return torch.cat(vision), torch.cat(language)
 
 
-def measure(run: Path | None, probes, seed: int = 0) -> dict:
-    """The run's retrieval and probes; run None: an untrained model of the config's size (the probes' floor)."""
-    if run is None:
+def measure(run: Path, probes, seed: int = 0, pretrained: bool = True) -> dict:
+    """The run's retrieval, fine-tunes and probes; pretrained False: an untrained model of the config's size (the
+    floor), its fine-tunes written under `run`."""
+    if not pretrained:
         torch.manual_seed(seed)
         model, last = blip.load_model("xfm", preset="tiny", image_size=PROBE_IMAGE_SIZE).eval(), {"r_mean": None}
-        tuned = {"test_r_mean": None}
     else:
         model = blip.load_model(None, run / "model.safetensors").eval()
         evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         last = [r for r in evals if r["event"] == "eval"][-1]
-        tuned = fine_tune_retrieval(run, seed)
+    tuned = fine_tuned(run, seed, pretrained)
     (tr_img, tr_kind, tr_col, tr_cap), (te_img, te_kind, te_col, te_cap) = probes
     tr_v, tr_t = frozen_features(model, tr_img, tr_cap)
     te_v, te_t = frozen_features(model, te_img, te_cap)
-    return {"r_mean": last["r_mean"], "r_mean_fine_tuned": tuned["test_r_mean"],
+    return {"r_mean": last["r_mean"], **tuned,
             "vision_kind": linear_probe(tr_v, tr_kind, te_v, te_kind),
             "vision_colour": linear_probe(tr_v, tr_col, te_v, te_col),
             "text_colour": linear_probe(tr_t, tr_col, te_t, te_col),
@@ -139,18 +151,19 @@ def main(argv=None):
     results = {}
     probes = [probe_scenes(a.probe_train, 1000, PROBE_IMAGE_SIZE), probe_scenes(a.probe_test, 2000, PROBE_IMAGE_SIZE)]
     for seed in a.seeds:  # untrained: what the probes read from random features of these sizes
-        results[f"untrained/{seed}"] = measure(None, probes, seed)
+        results[f"untrained/{seed}"] = measure(out / f"untrained_seed{seed}", probes, seed, pretrained=False)
     for arm in ARMS:
         for seed in a.seeds:
             results[f"{arm}/{seed}"] = measure(pretrain(arm, seed, out, a.set), probes, seed)
             print(arm, seed, json.dumps(results[f"{arm}/{seed}"]), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print("\narm | retrieval r_mean (ITC) | fine-tuned retrieval r_mean | vision kind | vision colour | text colour | "
-          f"text classifier (mean, min–max over seeds {a.seeds}; probes: % of {a.probe_test} held-out scenes)")
+    print("\narm | retrieval r_mean (ITC) | fine-tuned retrieval r_mean | fine-tuned VQA acc | vision kind | "
+          "vision colour | text colour | text classifier (mean, min–max over seeds "
+          f"{a.seeds}; probes: % of {a.probe_test} held-out scenes)")
     for arm in ("untrained", *ARMS):
         rows = [results[f"{arm}/{s}"] for s in a.seeds]
         recall = [summary([r[k] for r in rows]) if rows[0][k] is not None else "-"
-                  for k in ("r_mean", "r_mean_fine_tuned")]
+                  for k in ("r_mean", "r_mean_fine_tuned", "vqa_fine_tuned")]
         print(f"{arm} | " + " | ".join(recall) + " | "
               + " | ".join(summary([r[k]["acc"] for r in rows])
                            for k in ("vision_kind", "vision_colour", "text_colour", "text_classifier")))
