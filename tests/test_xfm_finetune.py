@@ -230,3 +230,59 @@ def test_a_pretraining_checkpoint_starts_each_fine_tuning_model_with_only_its_he
     images = tiny_batch()["images"]
     assert again.answer(images, TEXTS) == model.eval().answer(images, TEXTS)
 
+
+@pytest.fixture(scope="module")
+def pretrained_world(tmp_path_factory):
+    """A tiny shapes world and pretrain_xfm.py's checkpoint of it (one epoch), shared by the fine-tuning scripts. Its
+    NLVR2 statements are about backgrounds only (a tiny model learns those within a few epochs; the rest of the world
+    is as without the option)."""
+    import pretrain_xfm
+    tmp = tmp_path_factory.mktemp("xfm_pretrained")
+    world = tmp / "world"
+    shapes = "{out_dir: %s, n_train: 160, n_val: 20, n_test: 20, image_size: 32, seed: 0, n_text_only: 40, " \
+             "n_image_only: 40, nlvr_about: [background]}" % world
+    common = ["--device", "cpu", "--set", f"shapes={shapes}", "num_workers=0", "log_every=1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain_xfm.main(["--config", "configs/shapes_xfm.yaml", "--output-dir", str(tmp / "pre"), *common,
+                           f"train_file=[{world}/pretrain_clean.json]", f"text_file=[{world}/text_only.json]",
+                           f"image_file=[{world}/image_only.json]", "max_epoch=1"])
+    finally:
+        torch.set_num_threads(threads)
+    return world, tmp / "pre" / "model.safetensors", common
+
+
+def question_blind_accuracy(world) -> float:
+    """The VQA accuracy of answering every test question with the training set's most frequent answer."""
+    from blip.evaluation.metrics import vqa_accuracy
+    train = json.load(open(world / "vqa_train.json"))
+    test = json.load(open(world / "vqa_test.json"))
+    counts = {}
+    for e in train:
+        for a in e["answer"]:
+            counts[a] = counts.get(a, 0) + 1
+    top = max(counts, key=counts.get)
+    return vqa_accuracy([top] * len(test), [e["answer"] for e in test])
+
+
+def test_xfm_vqa_fine_tunes_from_a_checkpoint_through_its_script(tmp_path, pretrained_world):
+    """train_xfm_vqa.py fine-tunes pretrain_xfm.py's checkpoint (its classifier's vocabulary: the world's
+    answer_list.json) and answers the test questions; its accuracy beats answering every question with the most
+    frequent answer by far, and --evaluate of its saved weights (the vocabulary in their file) gives it again."""
+    import train_xfm_vqa
+    world, checkpoint, common = pretrained_world
+    roots = [f"image_root={world}", f"ann_root={world}", f"vqa_root={world}"]
+    trained = train_xfm_vqa.main(["--config", "configs/shapes_xfm_vqa.yaml", "--output-dir", str(tmp_path / "ft"),
+                                  *common, *roots, f"pretrained={checkpoint}", "max_epoch=8", "init_lr=2e-3"])
+    blind = question_blind_accuracy(world)
+    assert trained["test_acc"] > blind + 15, (trained, blind)
+    answers = json.load(open(world / "answer_list.json"))
+    results = json.load(open(tmp_path / "ft" / "vqa_result.json"))
+    assert len(results) == len(json.load(open(world / "vqa_test.json")))
+    assert all(r["answer"] in answers for r in results) and len({r["answer"] for r in results}) > 3
+    evaluated = train_xfm_vqa.main(["--config", "configs/shapes_xfm_vqa.yaml", "--output-dir", str(tmp_path / "ev"),
+                                    *common, *roots, f"pretrained={tmp_path / 'ft' / 'model.safetensors'}",
+                                    "--evaluate"])
+    assert evaluated["test_acc"] == pytest.approx(trained["test_acc"], abs=1e-6)
+
