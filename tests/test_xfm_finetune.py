@@ -286,3 +286,20 @@ def test_xfm_vqa_fine_tunes_from_a_checkpoint_through_its_script(tmp_path, pretr
                                     "--evaluate"])
     assert evaluated["test_acc"] == pytest.approx(trained["test_acc"], abs=1e-6)
 
+
+def test_xfm_nlvr_fine_tunes_from_a_checkpoint_through_its_script(tmp_path, pretrained_world):
+    """train_xfm_nlvr.py fine-tunes pretrain_xfm.py's checkpoint; dev accuracy after training beats the first
+    epoch's and chance (50: each statement template is half true), and --evaluate of its weights gives its numbers
+    again."""
+    import train_xfm_nlvr
+    world, checkpoint, common = pretrained_world
+    roots = [f"image_root={world}", f"ann_root={world}"]
+    trained = train_xfm_nlvr.main(["--config", "configs/shapes_xfm_nlvr.yaml", "--output-dir", str(tmp_path / "ft"),
+                                   *common, *roots, f"pretrained={checkpoint}", "max_epoch=4", "init_lr=5e-4"])
+    log = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl")]
+    dev = [e["dev_acc"] for e in log if "dev_acc" in e]
+    assert len(dev) == 4 and max(dev[1:]) > max(dev[0], 50) + 5, dev
+    evaluated = train_xfm_nlvr.main(["--config", "configs/shapes_xfm_nlvr.yaml", "--output-dir", str(tmp_path / "ev"),
+                                     *common, *roots, f"pretrained={tmp_path / 'ft' / 'model.safetensors'}",
+                                     "--evaluate"])
+    assert evaluated["test_acc"] == pytest.approx(trained["test_acc"], abs=1e-6)
