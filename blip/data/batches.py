@@ -141,7 +141,7 @@ class VQABatch(Batch):
 
 @dataclass
 class ClassBatch(Batch):
-    """A text ([ENC] first) about one image (VE) or two (NLVR2: images1), and a class index."""
+    """A text ([ENC] first; X-FM's: [CLS]) about one image (VE) or two (NLVR2: images1), and a class index."""
     images: torch.Tensor
     ids: torch.Tensor
     mask: torch.Tensor
@@ -149,9 +149,38 @@ class ClassBatch(Batch):
     images1: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, images, sentences, targets, max_length: int, images1=None, static: bool = False) -> "ClassBatch":
-        ids, mask = texts(sentences, max_length, first_token=ENC_ID, static=static)
+    def of(cls, images, sentences, targets, max_length: int, images1=None, static: bool = False,
+           first_token: int | None = ENC_ID) -> "ClassBatch":
+        ids, mask = texts(sentences, max_length, first_token=first_token, static=static)
         return cls(images, ids, mask, torch.as_tensor(targets, device="cpu"), images1)
+
+
+def soft_targets(labels, weights, index: dict[str, int]) -> torch.Tensor:
+    """[B, len(index)] soft targets: row b holds weights[b][j] at index[labels[b][j]] (summed if one repeats); a
+    label outside `index` is dropped (VQA: an answer outside the classifier's vocabulary)."""
+    out = torch.zeros(len(labels), len(index), device="cpu")
+    for row, (names, ws) in enumerate(zip(labels, weights)):
+        for name, w in zip(names, ws):
+            if name in index:
+                out[row, index[name]] += float(w)
+    return out
+
+
+@dataclass
+class SoftTargetBatch(Batch):
+    """A text ([CLS] first) about one image and soft targets over a fixed vocabulary (X-FM's VQA classifier: each
+    annotated answer's weight at its index)."""
+    images: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor      # [B, n_labels]
+
+    @classmethod
+    def of(cls, images, questions, answers, weights, index: dict[str, int], max_length: int,
+           static: bool = False) -> "SoftTargetBatch":
+        """answers[b], weights[b]: question b's annotated answers and their weights."""
+        ids, mask = texts(questions, max_length, static=static)
+        return cls(images, ids, mask, soft_targets(answers, weights, index))
 
 
 @dataclass
@@ -231,17 +260,31 @@ class VQACollate:
 
 
 class ClassCollate:
-    """(image, sentence, label) (VE) or (image0, image1, sentence, label) (NLVR2) samples -> ClassBatch."""
+    """(image, sentence, label) (VE) or (image0, image1, sentence, label) (NLVR2) samples -> ClassBatch; the text's
+    first token [ENC] (BLIP's), or `first_token` (X-FM's: None, the tokenizer's [CLS])."""
 
-    def __init__(self, max_length: int, static: bool = False):
-        self.max_length, self.static = max_length, static
+    def __init__(self, max_length: int, static: bool = False, first_token: int | None = ENC_ID):
+        self.max_length, self.static, self.first_token = max_length, static, first_token
 
     def __call__(self, samples):
         pair = len(samples[0]) == 4
         images = torch.stack([s[0] for s in samples])
         images1 = torch.stack([s[1] for s in samples]) if pair else None
         return ClassBatch.of(images, [s[-2] for s in samples], [s[-1] for s in samples], self.max_length, images1,
-                             self.static)
+                             self.static, self.first_token)
+
+
+class SoftTargetCollate:
+    """(image, question, answers, weights) samples (VQADataset's) -> SoftTargetBatch over the vocabulary `labels`."""
+
+    def __init__(self, max_length: int, labels, static: bool = False):
+        self.max_length, self.static = max_length, static
+        self.index = {name: i for i, name in enumerate(labels)}
+
+    def __call__(self, samples):
+        return SoftTargetBatch.of(torch.stack([s[0] for s in samples]), [s[1] for s in samples],
+                                  [s[2] for s in samples], [s[3] for s in samples], self.index, self.max_length,
+                                  self.static)
 
 
 def sample_one(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

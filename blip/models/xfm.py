@@ -52,6 +52,7 @@ class XFMConfig:
     temp: float = 0.07
     dropout: float = 0.1  # text / fusion hidden and attention dropout (BERT's)
     drop_path_rate: float = 0.0
+    answers: list[str] | None = None  # VQA fine-tuning (xfm_vqa): the classifier's answer vocabulary, in its order
 
     @classmethod
     def from_preset(cls, name: str = "base", **overrides) -> XFMConfig:
@@ -246,6 +247,7 @@ class XFM(RetrievalProtocol, nn.Module):
     task = "xfm"                # blip.load_model's name; saved with the weights (blip.models.checkpoint)
     config_class = XFMConfig    # what load_model builds its description with (BLIP's models: ModelConfig)
     fresh_keys: tuple[str, ...] = ()
+    starts_every_task = True    # a pretraining checkpoint starts every X-FM task (blip.models.xfm_heads): no warning
     text_max_length = 35        # tokens of a training text, as BLIP's pretraining
     itm_first_token = CLS_ID    # the fusion encoder reads the language encoder's states, [CLS] first
 

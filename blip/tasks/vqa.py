@@ -3,7 +3,6 @@ ranking the answer list (inference: rank, k_test candidates) or by generation, i
 server's format). Splits that carry answers (the shapes world's) also get the official VQA accuracy."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -27,6 +26,17 @@ def answer_weights(entry) -> tuple[list[str], list[float]]:
     return list(weights), list(weights.values())
 
 
+def read_answer_list(path) -> list[str]:
+    """An answer list file (answer_list.json: a JSON list of answer strings)."""
+    answer_list = read_json(path)
+    if not isinstance(answer_list, list) or not all(isinstance(a, str) for a in answer_list):
+        bad = next((i for i, a in enumerate(answer_list) if not isinstance(a, str)), None) \
+            if isinstance(answer_list, list) else None
+        raise ValueError(f"{path}: expected a JSON list of answer strings"
+                         + (f"; entry {bad} is not a string" if bad is not None else ""))
+    return answer_list
+
+
 class VQADataset(ImageDataset):
     """split='train': entries {question, answer, image, dataset: 'vqa'|'vg'} ->
     (image, question, answers, weights). split='test': {question_id, question, image} ->
@@ -48,12 +58,7 @@ class VQADataset(ImageDataset):
                     raise ValueError(f"{f}: entry {i} has dataset {e['dataset']!r}, expected 'vqa' or 'vg'")
             self.ann += entries
         if isinstance(answer_list, (str, os.PathLike)):
-            path, answer_list = answer_list, read_json(answer_list)
-            if not isinstance(answer_list, list) or not all(isinstance(a, str) for a in answer_list):
-                bad = next((i for i, a in enumerate(answer_list) if not isinstance(a, str)), None) \
-                    if isinstance(answer_list, list) else None
-                raise ValueError(f"{path}: expected a JSON list of answer strings"
-                                 + (f"; entry {bad} is not a string" if bad is not None else ""))
+            answer_list = read_answer_list(answer_list)
         self.answer_list = answer_list
 
     def __len__(self):
@@ -109,11 +114,14 @@ class VQATask(Task):
     def losses(self, forward, batch, progress):
         return forward(batch)
 
+    def answering(self) -> dict:
+        """How the test questions are answered: evaluate_vqa's `method` and `k`."""
+        return dict(method=self.options.inference, k=self.options.k_test)
+
     def evaluations(self, model, out_dir):
         cfg = self.cfg
-        with open(os.path.join(cfg.ann_root, "answer_list.json")) as f:
-            answer_list = json.load(f)
+        answer_list = read_answer_list(os.path.join(cfg.ann_root, "answer_list.json"))
         test = VQADataset(self.ann_file("vqa", "test"), self.roots, self.test_transform(model), split="test")
         return {"test": lambda m: evaluate_vqa(m, test, answer_list, os.path.join(out_dir, "vqa_result.json"),
-                                               method=self.options.inference, k=self.options.k_test,
-                                               batch_size=cfg.test_batch_size, num_workers=cfg.num_workers)}
+                                               **self.answering(), batch_size=cfg.test_batch_size,
+                                               num_workers=cfg.num_workers)}
