@@ -4,6 +4,7 @@ fusion encoder (their losses, answers / predictions, a pretraining checkpoint lo
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from blip.models.xfm import XFMConfig, hard_negative_weights, itc_loss_xfm
 from blip.models.xfm_heads import XFMNLVR, XFMVQA, nlvr_loss, vqa_classifier_loss
 from blip.tasks.vqa import answer_weights
 from tests.test_xfm import LANGUAGE, TEXTS, _grads, _missing, tiny, tiny_batch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -303,3 +306,18 @@ def test_xfm_nlvr_fine_tunes_from_a_checkpoint_through_its_script(tmp_path, pret
                                      *common, *roots, f"pretrained={tmp_path / 'ft' / 'model.safetensors'}",
                                      "--evaluate"])
     assert evaluated["test_acc"] == pytest.approx(trained["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("task", ["retrieval", "vqa", "nlvr"])
+def test_each_xfm_fine_tune_runs_on_two_gloo_ranks(task, pretrained_world, tmp_path):
+    """Fine-tuning leaves pretraining's heads (MLM, the MIM mask token, ITC / ITM where unused) without gradients:
+    DDP is told (find_unused_parameters), else its second step stops with an unfinished reduction."""
+    from tests.conftest import launch
+    world, checkpoint, common = pretrained_world
+    out = tmp_path / "run"
+    roots = [f"image_root={world}", f"ann_root={world}", f"pretrained={checkpoint}", "max_epoch=1",
+             "batch_size_train=8", *([f"vqa_root={world}"] if task == "vqa" else [])]
+    launch(ROOT / f"train_xfm_{task}.py", "--config", f"configs/shapes_xfm_{task}.yaml", "--output-dir", out,
+           *common, *roots, nproc=2, cwd=ROOT)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["event"] == "end" and any(r["event"] == "train" for r in rows)

@@ -26,6 +26,7 @@ class XFMRetrievalTask(RetrievalTask):
     Options = XFMRetrievalOptions
     names = ("xfm_retrieval",)
     model_task = "xfm"
+    find_unused_parameters = True  # pretraining's heads (MLM, MIM's mask token) ride along unused
 
     def build_model(self):
         """The X-FM checkpoint of `pretrained` (else a fresh XFM at the config's `preset`), the config's `xfm` keys
