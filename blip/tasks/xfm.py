@@ -122,11 +122,34 @@ def itc_retrieval(model, gallery, batch_size=64, num_workers=0) -> dict:
 
 
 @dataclass
-class XFMOptions(Task.Options):
+class XFMModelOptions(Task.Options):
+    """What every X-FM task's config has: the model's own keys."""
+    xfm: dict | None = None             # XFMConfig keys over the `preset` or the checkpoint's (blip.models.xfm)
+
+
+class XFMModel:
+    """Mixed in by every X-FM task (first, so it wins): the model built from the config's `pretrained` checkpoint
+    (else a fresh X-FM at its `preset`), `model_keys()` and the config's `xfm` keys over its description (and the
+    model keys both share: image_size, patch_size, vision_width, embed_dim, drop_path_rate)."""
+    model_task = "xfm"
+    find_unused_parameters = True  # a fine-tune leaves pretraining's heads (MLM, the mask token, ...) without gradients
+
+    def model_keys(self) -> dict:
+        return {}
+
+    def build_model(self):
+        return load_model(self.model_task, self.cfg.pretrained or None,
+                          **{**self.cfg.model, **self.model_keys(), **(self.options.xfm or {})})
+
+    def begin_step(self, model, progress):
+        """No momentum encoders."""
+
+
+@dataclass
+class XFMOptions(XFMModelOptions):
     train_file: list[str] = option([])  # the pairs stream: JSON lists of {image, caption}
     text_file: list[str] = option([])   # the text stream: JSON lists of {caption} (or {text}), or .txt files
     image_file: list[str] = option([])  # the image stream: JSON lists of {image}
-    xfm: dict | None = None             # XFMConfig keys over the `preset` (blip.models.xfm)
     batch_size_streams: dict | None = None  # per GPU, per stream ({text: 64}); a stream not named: batch_size_train
 
     def __post_init__(self):
@@ -136,10 +159,9 @@ class XFMOptions(Task.Options):
             raise ValueError(f"config key 'batch_size_streams': batch sizes are positive integers, got {bad}")
 
 
-class XFMTask(Task):
+class XFMTask(XFMModel, Task):
     Options = XFMOptions
     names = ("xfm",)
-    model_task = "xfm"
     schedule = "step"        # BLIP pretraining's warmup + step decay (SPEC §12 does not give X-FM's)
     crop_scale = (0.2, 1.0)  # pretraining crops down to 20%, as BLIP's
     mlm_prob = 0.15          # the paper's (SPEC §12): 15% of a text's tokens, whole words
@@ -153,11 +175,6 @@ class XFMTask(Task):
             raise ValueError("config key 'init' starts BLIP's towers; X-FM starts from random weights or a whole "
                              "X-FM checkpoint (`pretrained`)")
         self.stream_batch_sizes()  # a misspelled stream refused before anything is built
-
-    def build_model(self):
-        """XFM at the config's `preset` (XFMConfig's: base, tiny) with its `xfm` keys over it (and the model keys
-        both share: image_size, patch_size, vision_width, embed_dim, drop_path_rate), or a checkpoint's."""
-        return load_model(self.model_task, self.cfg.pretrained or None, **{**self.cfg.model, **(self.options.xfm or {})})
 
     @property
     def streams(self) -> list[str]:

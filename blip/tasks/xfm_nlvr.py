@@ -3,31 +3,17 @@
 epoch, the best dev epoch kept. Starts from an X-FM checkpoint (`pretrained`, pretrain_xfm.py's)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from ..data.batches import ClassCollate
-from ..models.factory import load_model
-from .base import Task
 from .nlvr import NLVRTask
+from .xfm import XFMModel, XFMModelOptions
 
 
-@dataclass
-class XFMNLVROptions(Task.Options):
-    xfm: dict | None = None             # XFMConfig keys over the checkpoint's description (blip.models.xfm)
-
-
-class XFMNLVRTask(NLVRTask):
+class XFMNLVRTask(XFMModel, NLVRTask):
     """The data and evaluations of BLIP's NLVR2 task, X-FM's model with a pair classifier."""
-    Options = XFMNLVROptions
+    Options = XFMModelOptions
     names = ("xfm_nlvr",)
     model_task = "xfm_nlvr"
-    find_unused_parameters = True  # pretraining's heads (ITC, ITM, MLM, the mask token) ride along unused
-
-    def build_model(self):
-        """The X-FM checkpoint of `pretrained` (else a fresh XFM at the config's `preset`), the config's `xfm` keys
-        over its description."""
-        return load_model(self.model_task, self.cfg.pretrained or None,
-                          **{**self.cfg.model, **(self.options.xfm or {})})
 
     def collate(self, model):
         # X-FM's language encoder reads [CLS] first (BLIP's NLVR2 model: [ENC])

@@ -7,35 +7,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..data.batches import PairCollate
-from ..models.factory import load_model
 from ..precision import PRECISIONS
 from ..training.config import option
-from .base import Task
 from .retrieval import RetrievalTask
+from .xfm import XFMModel, XFMModelOptions
 
 
 @dataclass
-class XFMRetrievalOptions(Task.Options):
+class XFMRetrievalOptions(XFMModelOptions):
     k_test: int = option(256, at_least=1)  # ITC candidates the ITM re-ranks
     rerank_precision: str = option("fp32", choices=PRECISIONS)
-    xfm: dict | None = None             # XFMConfig keys over the checkpoint's description (blip.models.xfm)
 
 
-class XFMRetrievalTask(RetrievalTask):
+class XFMRetrievalTask(XFMModel, RetrievalTask):
     """The data and evaluations of BLIP's retrieval task, X-FM's model and objectives."""
     Options = XFMRetrievalOptions
     names = ("xfm_retrieval",)
-    model_task = "xfm"
-    find_unused_parameters = True  # pretraining's heads (MLM, MIM's mask token) ride along unused
-
-    def build_model(self):
-        """The X-FM checkpoint of `pretrained` (else a fresh XFM at the config's `preset`), the config's `xfm` keys
-        over its description."""
-        return load_model(self.model_task, self.cfg.pretrained or None,
-                          **{**self.cfg.model, **(self.options.xfm or {})})
-
-    def begin_step(self, model, progress):
-        """No momentum encoders."""
 
     def collate(self, model):
         return PairCollate(model.text_max_length, static=self.static)

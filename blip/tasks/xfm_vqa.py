@@ -9,35 +9,29 @@ import os
 from dataclasses import dataclass
 
 from ..data.batches import SoftTargetCollate
-from ..models.factory import load_model
 from ..training.config import option
-from .base import Task
 from .vqa import VQATask, read_answer_list
+from .xfm import XFMModel, XFMModelOptions
 
 
 @dataclass
-class XFMVQAOptions(Task.Options):
+class XFMVQAOptions(XFMModelOptions):
     train_files: list[str] = option([])  # annotation files under ann_root, without .json: vqa_train, vqa_val, vg_qa
     vqa_root: str = option("", path="folder")  # the COCO images of VQA v2
     vg_root: str = option("", path="folder")  # the Visual Genome images
-    xfm: dict | None = None             # XFMConfig keys over the checkpoint's description (blip.models.xfm)
 
 
-class XFMVQATask(VQATask):
+class XFMVQATask(XFMModel, VQATask):
     """The data and evaluation of BLIP's VQA task, X-FM's model with an answer classifier."""
     Options = XFMVQAOptions
     names = ("xfm_vqa",)
     model_task = "xfm_vqa"
-    find_unused_parameters = True  # pretraining's heads (ITC, ITM, MLM, the mask token) ride along unused
 
     def answer_list(self) -> list[str]:
         return read_answer_list(os.path.join(self.cfg.ann_root, "answer_list.json"))
 
-    def build_model(self):
-        """The X-FM checkpoint of `pretrained` (else a fresh XFM at the config's `preset`), its answer vocabulary
-        ann_root's answer_list.json, the config's `xfm` keys over its description."""
-        return load_model(self.model_task, self.cfg.pretrained or None,
-                          **{**self.cfg.model, "answers": self.answer_list(), **(self.options.xfm or {})})
+    def model_keys(self):
+        return {"answers": self.answer_list()}  # the classifier's vocabulary, saved with the weights
 
     def collate(self, model):
         return SoftTargetCollate(model.text_max_length, model.cfg.answers, static=self.static)
