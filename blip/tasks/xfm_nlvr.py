@@ -3,7 +3,6 @@
 epoch, the best dev epoch kept. Starts from an X-FM checkpoint (`pretrained`, pretrain_xfm.py's)."""
 from __future__ import annotations
 
-
 from ..data.batches import ClassCollate
 from .nlvr import NLVRTask
 from .xfm import XFMModel, XFMModelOptions
