@@ -14,7 +14,7 @@ scenes + uncaptioned images (arm B), the same pairs and steps, over seeds; then,
 
 The probes' images and captions are scenes of their own (rendered here from a separate seed, never trained on).
 
-    python scripts/xfm_shapes.py --seeds 0 1 2 --out output/xfm_shapes      # ~1 min a run on one thread
+    python scripts/xfm_shapes.py --seeds 0 1 2 --out output/xfm_shapes      # ~4 min a run, one thread
 """
 import argparse
 import json
