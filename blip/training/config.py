@@ -82,7 +82,7 @@ def option(default, *, choices: tuple | None = None, at_least: int | None = None
 @dataclass
 class Config:
     # --- what to run ---------------------------------------------------------------------------
-    task: str = ""                      # a registered task name (OPTIONS): pretrain, retrieval, caption, nocaps, vqa, ...
+    task: str = ""                      # a registered task name (OPTIONS): pretrain, retrieval, caption, vqa, ...
     seed: int = 42                      # the original's --seed default
     output_dir: str = "output"
     # --- data (original keys) ------------------------------------------------------------------
