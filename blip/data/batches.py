@@ -149,7 +149,7 @@ class ClassBatch(Batch):
     images1: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, images, sentences, targets, max_length: int, images1=None, static: bool = False,
+    def of(cls, images, sentences, targets, max_length: int, *, images1=None, static: bool = False,
            first_token: int | None = ENC_ID) -> "ClassBatch":
         ids, mask = texts(sentences, max_length, first_token=first_token, static=static)
         return cls(images, ids, mask, torch.as_tensor(targets, device="cpu"), images1)
@@ -176,7 +176,7 @@ class SoftTargetBatch(Batch):
     targets: torch.Tensor      # [B, n_labels]
 
     @classmethod
-    def of(cls, images, questions, answers, weights, index: dict[str, int], max_length: int,
+    def of(cls, images, questions, answers, weights, index: dict[str, int], max_length: int, *,
            static: bool = False) -> "SoftTargetBatch":
         """answers[b], weights[b]: question b's annotated answers and their weights."""
         ids, mask = texts(questions, max_length, static=static)
@@ -270,8 +270,8 @@ class ClassCollate:
         pair = len(samples[0]) == 4
         images = torch.stack([s[0] for s in samples])
         images1 = torch.stack([s[1] for s in samples]) if pair else None
-        return ClassBatch.of(images, [s[-2] for s in samples], [s[-1] for s in samples], self.max_length, images1,
-                             self.static, self.first_token)
+        return ClassBatch.of(images, [s[-2] for s in samples], [s[-1] for s in samples], self.max_length,
+                             images1=images1, static=self.static, first_token=self.first_token)
 
 
 class SoftTargetCollate:
@@ -284,7 +284,7 @@ class SoftTargetCollate:
     def __call__(self, samples):
         return SoftTargetBatch.of(torch.stack([s[0] for s in samples]), [s[1] for s in samples],
                                   [s[2] for s in samples], [s[3] for s in samples], self.index, self.max_length,
-                                  self.static)
+                                  static=self.static)
 
 
 def sample_one(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
