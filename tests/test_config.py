@@ -208,5 +208,10 @@ def test_a_new_task_brings_its_keys_in_its_own_file(tmp_path):
         from blip.training.run import check_inputs
         with pytest.raises(FileNotFoundError, match="config key 'answer_file': no file"):
             check_inputs(load_config(file, [f"answer_file={tmp_path / 'none.json'}"]))
+        with pytest.raises(FileNotFoundError, match="config key 'pretrained': no file"):  # the shared keys' own
+            check_inputs(load_config(file, [f"pretrained={tmp_path / 'none.safetensors'}"]))
+        with pytest.raises(FileNotFoundError, match="config key 'image_root': no folder"):
+            check_inputs(load_config(file, [f"image_root={tmp_path / 'nowhere'}"]), reads_roots=True)
+        check_inputs(load_config(file, [f"image_root={tmp_path / 'nowhere'}"]))  # roots unread: not checked
     finally:
         OPTIONS.pop("count_test")

@@ -311,12 +311,14 @@ def test_xfm_nlvr_fine_tunes_from_a_checkpoint_through_its_script(tmp_path, pret
 @pytest.mark.parametrize("task", ["retrieval", "vqa", "nlvr"])
 def test_each_xfm_fine_tune_runs_on_two_gloo_ranks(task, pretrained_world, tmp_path):
     """Fine-tuning leaves pretraining's heads (MLM, the MIM mask token, ITC / ITM where unused) without gradients:
-    DDP is told (find_unused_parameters), else its second step stops with an unfinished reduction."""
+    DDP is told (find_unused_parameters), else its second step stops with an unfinished reduction. As a user runs
+    it: 2 ranks, 2 data workers each, 2 micro-steps per optimizer step."""
     from tests.conftest import launch
     world, checkpoint, common = pretrained_world
     out = tmp_path / "run"
     roots = [f"image_root={world}", f"ann_root={world}", f"pretrained={checkpoint}", "max_epoch=1",
-             "batch_size_train=8", *([f"vqa_root={world}"] if task == "vqa" else [])]
+             "batch_size_train=8", "num_workers=2", "grad_accum_steps=2",  # collates in workers, micro-steps
+             *([f"vqa_root={world}"] if task == "vqa" else [])]
     launch(ROOT / f"train_xfm_{task}.py", "--config", f"configs/shapes_xfm_{task}.yaml", "--output-dir", out,
            *common, *roots, nproc=2, cwd=ROOT)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -60,19 +60,20 @@ OPTIONS: dict[str, type] = {}
 
 
 def register_options(names, options_cls: type) -> None:
-    """`options_cls` (a dataclass; its fields' metadata may say `choices` and `at_least`) holds the own keys of the
-    tasks called `names`."""
+    """`options_cls` (a dataclass of `option` fields) holds the own keys of the tasks called `names`. Another class
+    of the same name replaces it (a module read again); one of another name is refused."""
     for name in names:
-        known = OPTIONS.setdefault(name, options_cls)
-        if known is not options_cls and known.__qualname__ != options_cls.__qualname__:
+        known = OPTIONS.get(name)
+        if known is not None and known.__qualname__ != options_cls.__qualname__:
             raise ValueError(f"task {name!r}: options registered twice ({known.__qualname__}, "
                              f"{options_cls.__qualname__})")
         OPTIONS[name] = options_cls
 
 
 def option(default, *, choices: tuple | None = None, at_least: int | None = None, path: str | None = None, **kw):
-    """A task option's field: its default, the values it admits (checked when a config is read) and, for a path,
-    what it names ('folder' | 'file': the runner checks it exists before anything is written)."""
+    """A config field (a task option's, or Config's own): its default, the values it admits (checked when a config
+    is read) and, for a path, what it names ('folder' | 'file': the runner checks it exists before anything is
+    written)."""
     metadata = {k: v for k, v in (("choices", choices), ("at_least", at_least), ("path", path)) if v is not None}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
@@ -86,8 +87,8 @@ class Config:
     seed: int = 42                      # the original's --seed default
     output_dir: str = "output"
     # --- data (original keys) ------------------------------------------------------------------
-    image_root: str = ""
-    ann_root: str = "annotation"
+    image_root: str = option("", path="folder")
+    ann_root: str = option("annotation", path="folder")
     dataset: str = ""                   # retrieval: 'coco' | 'flickr'; caption: 'coco' (or a name in ann_files)
     ann_files: dict | None = None       # more datasets in a known format: {name: 'name_{}.json'} ('{}' = the split)
     max_words: int = 30                 # caption words kept by the datasets' pre_caption
@@ -101,7 +102,7 @@ class Config:
     # the top level of a YAML file as the original's. Only those the file or --set gives are kept here: they
     # override a checkpoint's stored description key by key; the rest come from it (or ModelConfig's defaults).
     model: dict = field(default_factory=dict)
-    pretrained: str = ""                # checkpoint path to initialise from ('' = none)
+    pretrained: str = option("", path="file")  # checkpoint path to initialise from ('' = none)
     init: dict | None = None            # unimodal start (blip.models.pretrained): {vision: FILE|DIR, text: BERT DIR}
     # --- optimisation ----------------------------------------------------------------------------
     init_lr: float = 1e-5
@@ -276,7 +277,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     sets = [parse_override(text) for text in overrides]
     task = next((v for k, v in reversed(sets) if k == "task"), data.get("task", ""))
     schema = _Schema(str(task or ""), OPTIONS.get(task) if isinstance(task, str) else None)
-    config = {f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)}
+    defaults = Config()
+    config = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(Config)}
     values = {"config": config, "model": config["model"], "options": {}}
     for key, value in data.items():
         owner = schema.owner(str(key), str(path))

@@ -20,7 +20,7 @@ import torch
 
 from .. import distributed as dist
 from ..models.checkpoint import move_aside
-from .config import Config, add_config_args, config_from_args, save_config
+from .config import add_config_args, config_from_args, save_config
 from ..errors import OutputExistsError
 
 
@@ -86,17 +86,14 @@ def check_inputs(cfg, resume=None, reads_roots=False):
     """The files and folders the config names exist (each named once, by its key), before anything is written.
     reads_roots: the task reads annotation files under ann_root and images under the roots (pretraining's JSON
     lists name their images themselves)."""
-    paths = {"image_root": "folder", "ann_root": "folder", "pretrained": "file"}
-    paths.update({f.name: f.metadata["path"] for f in dataclasses.fields(cfg.options or Config())
-                  if "path" in f.metadata})
-    for key in (k for k, kind in paths.items() if kind == "folder") if reads_roots else ():
-        value = cfg_value(cfg, key)
-        if value and not Path(value).is_dir():
-            raise FileNotFoundError(f"config key '{key}': no folder {value}")
-    for key in (k for k, kind in paths.items() if kind == "file"):
-        value = cfg_value(cfg, key)
-        if value and not Path(value).exists():
-            raise FileNotFoundError(f"config key '{key}': no file {value}")
+    # the path keys, the config's and its task's, say what they name (blip.training.config.option's `path`)
+    for owner in (cfg, cfg.options) if cfg.options is not None else (cfg,):
+        for f in dataclasses.fields(owner):
+            kind, value = f.metadata.get("path"), getattr(owner, f.name)
+            if kind == "folder" and reads_roots and value and not Path(value).is_dir():
+                raise FileNotFoundError(f"config key '{f.name}': no folder {value}")
+            if kind == "file" and value and not Path(value).exists():
+                raise FileNotFoundError(f"config key '{f.name}': no file {value}")
     if resume and resume != "latest" and not Path(resume).exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {resume}")
     if resume == "latest" and not (Path(cfg.output_dir) / "checkpoint_latest.pt").exists():
